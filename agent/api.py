@@ -1,0 +1,327 @@
+"""The local HTTP API on a Unix socket, for other processes on the device.
+
+Callers are identified by the kernel (SO_PEERCRED: uid, gid, pid of the process that
+connected), never by anything they send. Root and the agent's own user may do
+anything; others only what `api.read_users/read_groups` (tokens, status) and
+`api.admin_users/admin_groups` (login, logout, refresh) grant them.
+
+Every answer is JSON; errors are `{"error": CODE, "message": TEXT}` with a stable
+CODE and the status that fits it (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__
+from agent.driver import Driver, ProviderUnavailable
+from agent.errors import AgentError, NotSignedIn
+from agent.logs import fingerprint
+from agent.state import Phase, Snapshot
+
+__all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "rfc3339"]
+
+log = logging.getLogger(__name__)
+
+READ = "read"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    uid: int
+    gid: int
+    pid: int
+
+    @property
+    def executable(self) -> str:
+        try:
+            return Path(f"/proc/{self.pid}/comm").read_text().strip()
+        except OSError:
+            return "?"
+
+
+class AccessPolicy:
+    """Who may do what. Names are resolved once, at start: a user that does not exist
+    is a config mistake worth a warning, not a reason to refuse to start."""
+
+    def __init__(self, *, read_users: Iterable[str] = (), read_groups: Iterable[str] = (),
+                 admin_users: Iterable[str] = (), admin_groups: Iterable[str] = ()) -> None:
+        self._own_uid = os.getuid()
+        admin_uids = _uids(admin_users)
+        admin_gids = _gids(admin_groups)
+        self._uids = {ADMIN: admin_uids, READ: _uids(read_users) | admin_uids}
+        self._gids = {ADMIN: admin_gids, READ: _gids(read_groups) | admin_gids}
+
+    def allows(self, caller: Caller, right: str) -> bool:
+        if caller.uid in (0, self._own_uid):
+            return True
+        if caller.uid in self._uids[right]:
+            return True
+        groups = {caller.gid, *_supplementary_groups(caller.uid)}
+        return bool(groups & self._gids[right])
+
+
+def _uids(names: Iterable[str]) -> set[int]:
+    found = set()
+    for name in names:
+        try:
+            found.add(int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            log.warning("api: no user named %r; ignored", name)
+    return found
+
+
+def _gids(names: Iterable[str]) -> set[int]:
+    found = set()
+    for name in names:
+        try:
+            found.add(int(name) if name.isdigit() else grp.getgrnam(name).gr_gid)
+        except KeyError:
+            log.warning("api: no group named %r; ignored", name)
+    return found
+
+
+def _supplementary_groups(uid: int) -> set[int]:
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return set()
+    return set(os.getgrouplist(user.pw_name, user.pw_gid))
+
+
+def peer_credentials(request: web.Request) -> Caller | None:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Caller(uid=uid, gid=gid, pid=pid)
+
+
+def rfc3339(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(driver: Driver, policy: AccessPolicy, *,
+              wall_clock: Callable[[], float] = time.time) -> web.Application:
+    routes = web.RouteTableDef()
+
+    def guarded(right: str) -> Callable[[Handler], Handler]:
+        def wrap(handler: Handler) -> Handler:
+            async def checked(request: web.Request) -> web.StreamResponse:
+                caller = peer_credentials(request)
+                if caller is None or not policy.allows(caller, right):
+                    who = "unknown" if caller is None else f"uid {caller.uid} ({caller.executable})"
+                    log.warning("api: refused %s %s to %s", request.method, request.path, who)
+                    return _error(403, "forbidden", f"this user may not {right} here")
+                request["caller"] = caller
+                return await handler(request)
+            return checked
+        return wrap
+
+    def token_answer(request: web.Request, token: str, expires_in: float | None,
+                     extra: dict[str, Any]) -> web.Response:
+        caller: Caller = request["caller"]
+        log.info("api: token %s to uid %d pid %d (%s)", fingerprint(token), caller.uid,
+                 caller.pid, caller.executable)
+        body: dict[str, Any] = {**extra}
+        if expires_in is not None:
+            body["expires_in"] = int(expires_in)
+            body["expires_at"] = rfc3339(wall_clock() + expires_in)
+        else:
+            body["expires_in"] = None
+            body["expires_at"] = None
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    @routes.get("/v1/token")
+    @guarded(READ)
+    async def get_token(request: web.Request) -> web.StreamResponse:
+        raw = request.query.get("min_ttl", "0")
+        try:
+            min_ttl = float(raw)
+            if not 0 <= min_ttl < 86_400 * 365:
+                raise ValueError
+        except ValueError:
+            return _error(400, "bad_request", "min_ttl must be a number of seconds >= 0")
+        try:
+            tokens = await driver.get_token(min_ttl)
+        except NotSignedIn as exc:
+            return _error(503, "not_signed_in", str(exc))
+        except ProviderUnavailable as exc:
+            return _error(502, "provider_unavailable", str(exc))
+        return token_answer(request, tokens.access_token, driver.remaining(), {
+            "access_token": tokens.access_token,
+            "token_type": tokens.token_type,
+            "scope": tokens.scope,
+        })
+
+    @routes.get("/v1/id_token")
+    @guarded(READ)
+    async def get_id_token(request: web.Request) -> web.StreamResponse:
+        creds = driver.credentials
+        if creds is None or not _valid(driver):
+            return _error(503, "not_signed_in", "no valid sign-in")
+        if creds.tokens.id_token is None:
+            return _error(404, "no_id_token", "the provider issued no ID token")
+        return token_answer(request, creds.tokens.id_token, driver.remaining(),
+                            {"id_token": creds.tokens.id_token})
+
+    @routes.get("/v1/status")
+    @guarded(READ)
+    async def get_status(request: web.Request) -> web.StreamResponse:
+        return web.json_response(status_document(driver.snapshot, driver))
+
+    @routes.post("/v1/login")
+    @guarded(ADMIN)
+    async def post_login(request: web.Request) -> web.StreamResponse:
+        next_at = driver.request_login()
+        wait = max(0.0, next_at - driver_monotonic(driver))
+        return web.json_response(
+            {"accepted": True, "next_code_in": int(wait),
+             "next_code_at": rfc3339(wall_clock() + wait)}, status=202)
+
+    @routes.post("/v1/refresh")
+    @guarded(ADMIN)
+    async def post_refresh(request: web.Request) -> web.StreamResponse:
+        if driver.credentials is None:
+            return _error(503, "not_signed_in", "not signed in")
+        try:
+            await driver.refresh()
+        except NotSignedIn as exc:
+            return _error(503, "not_signed_in", str(exc))
+        except AgentError as exc:
+            return _error(502, "provider_unavailable", str(exc))
+        return web.json_response(status_document(driver.snapshot, driver))
+
+    @routes.post("/v1/logout")
+    @guarded(ADMIN)
+    async def post_logout(request: web.Request) -> web.StreamResponse:
+        problems = await driver.logout()
+        return web.json_response({"signed_out": True, "problems": problems})
+
+    app = web.Application(middlewares=[_json_errors])
+    app.add_routes(routes)
+    return app
+
+
+def driver_monotonic(driver: Driver) -> float:
+    return driver.clock.monotonic()
+
+
+def _valid(driver: Driver) -> bool:
+    left = driver.remaining()
+    return left is None or left > 0
+
+
+def status_document(snapshot: Snapshot, driver: Driver) -> dict[str, Any]:
+    def when(value: float | None) -> str | None:
+        return None if value is None else rfc3339(value)
+
+    doc: dict[str, Any] = {
+        "state": snapshot.phase.value,
+        "device_name": snapshot.device_name,
+        "user": snapshot.user,
+        "token_expires_at": when(snapshot.token_expires_at),
+        "last_error": snapshot.last_error,
+        "next_code_at": when(snapshot.next_code_at),
+        "version": __version__,
+    }
+    if snapshot.phase == Phase.AWAITING_USER:
+        doc["code"] = {
+            "user_code": snapshot.user_code,
+            "verification_uri": snapshot.verification_uri,
+            "verification_uri_complete": snapshot.verification_uri_complete,
+            "expires_at": when(snapshot.code_expires_at),
+        }
+    return doc
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+        return _error(exc.status, code, exc.reason)
+
+
+class ApiServer:
+    """The API on a Unix socket: bound here, or taken over from systemd."""
+
+    def __init__(self, app: web.Application, path: Path, *, mode: int = 0o660,
+                 sock: socket.socket | None = None) -> None:
+        self._app = app
+        self.path = path
+        self._mode = mode
+        self._sock = sock
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(self._runner, self._sock)
+        else:
+            _prepare_socket_path(self.path)
+            site = web.UnixSite(self._runner, str(self.path))
+        await site.start()
+        if self._sock is None:
+            # Bound under the daemon's umask (0077 under systemd: owner only), then
+            # opened to the group: it never starts out wider than configured.
+            os.chmod(self.path, self._mode)
+        log.info("api listening on %s", self.path)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _prepare_socket_path(path: Path) -> None:
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o755, parents=True)
+    info = parent.stat()
+    if info.st_uid != os.getuid() and info.st_uid != 0:
+        raise AgentError(f"{parent} belongs to uid {info.st_uid}, not to this user")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise AgentError(f"{parent} is writable by everyone; choose another api.socket")
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AgentError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by an agent that died
+        else:
+            raise AgentError(f"another agent is already listening on {path}")
+        finally:
+            with contextlib.suppress(OSError):
+                probe.close()

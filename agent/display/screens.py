@@ -1,0 +1,186 @@
+"""What each state looks like, as plain data: no I/O, no PIL, no terminal codes.
+
+Every display (console, OLED layout, serial panels) renders the same `Screen`, so the
+wording and the rules of RFC 8628 §3.3 live here once: the user code and the
+verification URI are always shown as text, even when a QR code is drawn beside them
+(§3.3.1), because the person may be asked to confirm the code (§5.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from urllib.parse import urlsplit
+
+from agent.state import Phase, Snapshot
+
+__all__ = ["CODE_INSTRUCTION", "Screen", "build_screen", "format_user_code", "short_url"]
+
+# The first line of every "code" screen. Text panels show it as is; richer displays
+# spell it out with the URL and code themselves and can skip it by comparing to this.
+CODE_INSTRUCTION = "Visit URL and enter code"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Screen:
+    """One screenful. `kind` names the layout; fields not used by a kind stay None.
+
+    Only what a person standing at the device may see goes in here: the snapshot
+    carries no token, and the device code (the polling secret) never reaches it.
+    """
+
+    kind: str
+    title: str
+    lines: tuple[str, ...]
+    user_code: str | None = None
+    user_code_display: str | None = None
+    url: str | None = None
+    qr_data: str | None = None
+    seconds_left: int | None = None
+    progress: float | None = None
+    device_name: str | None = None
+
+
+def format_user_code(code: str) -> str:
+    """Group a user code so it can be read at a glance.
+
+    authentik issues 9 digits and its entry form takes digits only, so they are split
+    by spaces (which read as a pause, not as something to type), never by dashes.
+    8-character letter codes follow the RFC 8628 §6.1 example, "WDJB-MJHT"; servers
+    are told there to ignore the punctuation. Anything else is shown exactly as issued,
+    since an unknown server may not forgive a character we added.
+    """
+    if not code.isascii():
+        return code
+    if len(code) == 9 and code.isdigit():
+        return f"{code[:3]} {code[3:6]} {code[6:]}"
+    if len(code) == 8 and code.isalnum() and not code.isdigit():
+        return f"{code[:4]}-{code[4:]}"
+    return code
+
+
+def short_url(uri: str) -> str:
+    """The verification URI as a person types it: without "https://".
+
+    Browsers assume HTTPS, so the scheme is noise on a small panel. A plain "http://"
+    stays (loopback demos), because a browser would otherwise try HTTPS and fail. A
+    bare trailing "/" after the host goes too; a path's own slash is kept, since the
+    server may redirect or refuse without it.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme.lower() != "https" or not parts.netloc:
+        return uri
+    rest = uri.split("://", 1)[1]
+    if rest == parts.netloc + "/":
+        return parts.netloc
+    return rest
+
+
+def build_screen(snapshot: Snapshot, *, now_mono: float, now_wall: float,
+                 code_lifetime: float | None = None, tz: tzinfo | None = None) -> Screen:
+    """The screen for `snapshot` at this moment.
+
+    The countdown runs on the monotonic clock (`code_deadline`), so it stays right
+    when NTP moves the wall clock after boot; times of day are shown in `tz`, the
+    local zone when None. `code_lifetime` is the code's `expires_in`, for `progress`.
+    """
+    device = snapshot.device_name or None
+
+    def at(when: float) -> str:
+        return datetime.fromtimestamp(when, tz).strftime("%H:%M")
+
+    def next_code() -> str:
+        if snapshot.next_code_at is None:
+            return "Press the button or call login"
+        return f"Next code at {at(snapshot.next_code_at)}"
+
+    def screen(kind: str, title: str, *lines: str | None) -> Screen:
+        return Screen(kind=kind, title=title, lines=tuple(line for line in lines if line),
+                      device_name=device)
+
+    match snapshot.phase:
+        case Phase.STARTING:
+            return screen("starting", "Starting", "Please wait")
+        case Phase.NO_NETWORK:
+            return screen("no_network", "No network", "Retrying...", snapshot.last_error)
+        case Phase.AWAITING_USER:
+            return _code_screen(snapshot, device, now_mono=now_mono, now_wall=now_wall,
+                                code_lifetime=code_lifetime)
+        case Phase.CODE_EXPIRED:
+            return screen("code_expired", "Code expired", next_code())
+        case Phase.THROTTLED:
+            return screen("throttled", "Provider busy", next_code(), "Too many codes requested")
+        case Phase.DENIED:
+            reason = snapshot.last_error
+            if reason and reason.strip().lower() == "access denied":
+                reason = None  # the title already says it
+            return screen("denied", "Access denied", next_code(), reason)
+        case Phase.SIGNED_IN:
+            return screen(
+                "signed_in", "Signed in",
+                f"as {snapshot.user}" if snapshot.user else None,
+                f"Valid until {at(snapshot.token_expires_at)}"
+                if snapshot.token_expires_at is not None else None)
+        case Phase.REFRESH_FAILING:
+            return screen("refresh_failing", "Refresh failing",
+                          _still_valid(snapshot.token_expires_at, now_wall), snapshot.last_error)
+        case Phase.CONFIG_ERROR:
+            return screen(
+                "config_error", "Config error",
+                snapshot.last_error or "The provider refuses this client",
+                f"Retry at {at(snapshot.next_code_at)}"
+                if snapshot.next_code_at is not None else None)
+        case Phase.STOPPING:
+            return screen("stopping", "Stopping")
+    raise AssertionError(snapshot.phase)  # pragma: no cover
+
+
+def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now_wall: float,
+                 code_lifetime: float | None) -> Screen:
+    code = snapshot.user_code
+    display = format_user_code(code) if code is not None else None
+    uri = snapshot.verification_uri
+    qr_data = snapshot.verification_uri_complete or uri
+
+    left: float | None = None
+    if snapshot.code_deadline is not None:
+        left = snapshot.code_deadline - now_mono
+    elif snapshot.code_expires_at is not None:
+        left = snapshot.code_expires_at - now_wall
+    # Rounded up, so "0" appears only once the code is really dead.
+    seconds_left = max(0, math.ceil(left)) if left is not None else None
+    progress = None
+    if left is not None and code_lifetime is not None and code_lifetime > 0:
+        progress = min(1.0, max(0.0, left / code_lifetime))
+
+    lines = [CODE_INSTRUCTION]
+    if code is not None and code.isascii() and code.isdigit():
+        # authentik's entry form refuses anything but digits, so say the grouping
+        # spaces are not part of the code.
+        lines.append("Type the digits only")
+    if qr_data:
+        lines.append("or scan the QR code")
+    return Screen(
+        kind="code",
+        title="Sign in",
+        lines=tuple(lines),
+        user_code=code,
+        user_code_display=display,
+        url=short_url(uri) if uri else None,
+        qr_data=qr_data or None,
+        seconds_left=seconds_left,
+        progress=progress,
+        device_name=device,
+    )
+
+
+def _still_valid(expires_at: float | None, now_wall: float) -> str:
+    if expires_at is None:
+        return "Token lifetime unknown"
+    left = expires_at - now_wall
+    if left <= 0:
+        return "Token expired"
+    if left < 60:
+        return "Still valid for under 1 min"
+    return f"Still valid for {int(left // 60)} min"

@@ -1,0 +1,213 @@
+"""Every exception device-agent raises, in one tree.
+
+Foreign exceptions (aiohttp, OSError, yaml, json) are translated once, at the module
+that talks to the foreign library; everything above that boundary sees only these.
+No message ever carries a token, a device code or a secret.
+
+    AgentError
+    ├── ConfigError                  a config key is missing, unknown or invalid (exit 78)
+    ├── StoreError
+    │   ├── StoreLocked              another agent holds the credential store
+    │   ├── StoreInsecure            the file or its directory is open to other users
+    │   └── StoreCorrupt             the file does not parse; it is left in place
+    ├── TransportError               no usable HTTP answer
+    │   ├── ConnectFailed            DNS, refused, unreachable, reset, dropped
+    │   ├── RequestTimeout
+    │   ├── TLSFailed                certificate or handshake trouble (never retried blindly)
+    │   └── ResponseTooLarge
+    ├── ProviderError                an answer arrived but is unusable
+    │   ├── DiscoveryFailed          the metadata document is missing or wrong
+    │   └── MalformedResponse        not JSON, or a required field is absent or mistyped
+    ├── OAuthError                   an RFC 6749 §5.2 / RFC 8628 §3.5 error code
+    │   ├── InvalidRequest  InvalidClient  InvalidGrant  UnauthorizedClient
+    │   ├── UnsupportedGrantType  InvalidScope  AccessDenied  ExpiredToken
+    │   ├── AuthorizationPending  SlowDown  ServerError  TemporarilyUnavailable
+    │   └── UnknownOAuthError        any code not in the table
+    └── NotSignedIn                  no valid token to hand out
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OAUTH_ERRORS",
+    "AccessDenied",
+    "AgentError",
+    "AuthorizationPending",
+    "ConfigError",
+    "ConnectFailed",
+    "DiscoveryFailed",
+    "ExpiredToken",
+    "InvalidClient",
+    "InvalidGrant",
+    "InvalidRequest",
+    "InvalidScope",
+    "MalformedResponse",
+    "NotSignedIn",
+    "OAuthError",
+    "ProviderError",
+    "RequestTimeout",
+    "ResponseTooLarge",
+    "ServerError",
+    "SlowDown",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreInsecure",
+    "StoreLocked",
+    "TLSFailed",
+    "TemporarilyUnavailable",
+    "TransportError",
+    "UnauthorizedClient",
+    "UnknownOAuthError",
+    "UnsupportedGrantType",
+    "oauth_error",
+]
+
+
+class AgentError(Exception):
+    """Base of everything device-agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class StoreError(AgentError):
+    pass
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+class StoreInsecure(StoreError):
+    pass
+
+
+class StoreCorrupt(StoreError):
+    pass
+
+
+class TransportError(AgentError):
+    pass
+
+
+class ConnectFailed(TransportError):
+    pass
+
+
+class RequestTimeout(TransportError):
+    pass
+
+
+class TLSFailed(TransportError):
+    pass
+
+
+class ResponseTooLarge(TransportError):
+    pass
+
+
+class ProviderError(AgentError):
+    pass
+
+
+class DiscoveryFailed(ProviderError):
+    pass
+
+
+class MalformedResponse(ProviderError):
+    pass
+
+
+class NotSignedIn(AgentError):
+    pass
+
+
+class OAuthError(AgentError):
+    """An error code from the provider. `code` is the wire value; `description` is the
+    provider's `error_description`, which is shown to people but never trusted."""
+
+    code = ""
+
+    def __init__(self, description: str | None = None, *, code: str | None = None,
+                 status: int | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.description = description
+        self.status = status
+        text = self.code + (f": {description}" if description else "")
+        super().__init__(text)
+
+
+class InvalidRequest(OAuthError):
+    code = "invalid_request"
+
+
+class InvalidClient(OAuthError):
+    code = "invalid_client"
+
+
+class InvalidGrant(OAuthError):
+    code = "invalid_grant"
+
+
+class UnauthorizedClient(OAuthError):
+    code = "unauthorized_client"
+
+
+class UnsupportedGrantType(OAuthError):
+    code = "unsupported_grant_type"
+
+
+class InvalidScope(OAuthError):
+    code = "invalid_scope"
+
+
+class AccessDenied(OAuthError):
+    code = "access_denied"
+
+
+class ExpiredToken(OAuthError):
+    code = "expired_token"
+
+
+class AuthorizationPending(OAuthError):
+    code = "authorization_pending"
+
+
+class SlowDown(OAuthError):
+    code = "slow_down"
+
+
+class ServerError(OAuthError):
+    code = "server_error"
+
+
+class TemporarilyUnavailable(OAuthError):
+    code = "temporarily_unavailable"
+
+
+class UnknownOAuthError(OAuthError):
+    pass
+
+
+OAUTH_ERRORS: dict[str, type[OAuthError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest, InvalidClient, InvalidGrant, UnauthorizedClient,
+        UnsupportedGrantType, InvalidScope, AccessDenied, ExpiredToken,
+        AuthorizationPending, SlowDown, ServerError, TemporarilyUnavailable,
+    )
+}
+
+
+def oauth_error(code: str, description: str | None = None, *,
+                status: int | None = None) -> OAuthError:
+    """The exception for a wire error code, through the table above."""
+    cls = OAUTH_ERRORS.get(code)
+    if cls is None:
+        return UnknownOAuthError(description, code=code, status=status)
+    return cls(description, status=status)

@@ -1,0 +1,114 @@
+"""Logging for a daemon that usually writes to the journal, and a safe tag for secrets.
+
+Under systemd, stderr is a stream into journald. systemd.exec(5) documents
+``$JOURNAL_STREAM`` ("device:inode" of that stream) so a program can tell whether its
+stderr really goes there, rather than being redirected to a file or a terminal. When it
+does, each line starts with a ``<N>`` syslog priority (sd-daemon(3)), which journald
+strips and stores as PRIORITY=, and carries no timestamp, since journald adds its own.
+Anywhere else, lines carry a timestamp, the level and the logger name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+__all__ = ["LEVELS", "fingerprint", "setup_logging"]
+
+LEVELS: Mapping[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+_NAMESPACE = "agent"
+# Our handler is found again by name, so a second call replaces it instead of adding one.
+_HANDLER_NAME = "device-agent"
+_PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_PLAIN_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+def _priority(levelno: int) -> int:
+    # syslog(3) priorities as sd-daemon(3) spells them: SD_ERR 3, SD_WARNING 4,
+    # SD_INFO 6, SD_DEBUG 7. CRITICAL shares 3: this daemon failing is an error for the
+    # host, not one of the system-wide critical conditions syslog(3) keeps LOG_CRIT for.
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"<{_priority(record.levelno)}>"
+        # journald splits the stream at "\n" and reads the prefix of each line alone, so
+        # every line of a traceback needs it or it lands at the default priority.
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+
+def _writes_to_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    value = environ.get("JOURNAL_STREAM", "")
+    device, sep, inode = value.partition(":")
+    if not sep or not all(part.isascii() and part.isdigit() for part in (device, inode)):
+        return False
+    try:
+        stat = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        # No file descriptor (an in-memory stream) or a closed one: not the journal.
+        return False
+    # systemd.exec(5): the variable is inherited by children whose stderr may point
+    # elsewhere, so it counts only when it names the very stream being written.
+    return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+
+
+def setup_logging(level: str = "info", *, stream: TextIO | None = None,
+                  environ: Mapping[str, str] | None = None) -> None:
+    """Send the ``agent`` loggers to `stream` (stderr by default) at `level`.
+
+    Safe to call again (a new level or stream replaces the old handler). Records still
+    propagate to the root logger, which a daemon leaves bare, so an embedding program
+    or a test harness can capture them too.
+    """
+    try:
+        numeric = LEVELS[level.lower()]
+    except KeyError:
+        choices = ", ".join(LEVELS)
+        raise ValueError(f"unknown log level {level!r} (expected one of {choices})") from None
+    out = sys.stderr if stream is None else stream
+    env = os.environ if environ is None else environ
+
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    if _writes_to_journal(out, env):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(_PLAIN_FORMAT, _PLAIN_DATEFMT))
+
+    logger = logging.getLogger(_NAMESPACE)
+    for old in list(logger.handlers):
+        if old.get_name() == _HANDLER_NAME:
+            logger.removeHandler(old)
+            old.close()
+    logger.addHandler(handler)
+    logger.setLevel(numeric)
+
+
+def fingerprint(secret: str | None) -> str:
+    """A short tag that tells two secrets apart in logs without revealing either.
+
+    Eight hex digits of SHA-256: enough to see that a refresh token rotated, far too few
+    (and one-way) to recover a token from.
+    """
+    if secret is None:
+        return "none"
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]

@@ -1,0 +1,70 @@
+"""The sans-IO OAuth core: builds requests and interprets answers, never sends,
+sleeps, logs or touches files. Time comes in as `now` (monotonic) and `now_wall`."""
+
+from agent.oauth.discovery import authentik_endpoints, discovery_requests, parse_discovery
+from agent.oauth.events import (
+    Approved,
+    CodeIssued,
+    Denied,
+    Event,
+    Expired,
+    Pending,
+    Refreshed,
+    RefreshRejected,
+    Rejected,
+    ServerTrouble,
+    SlowDown,
+    Throttled,
+)
+from agent.oauth.flow import DevicePoll, device_authorization_request, receive_device_authorization
+from agent.oauth.models import (
+    Client,
+    DeviceAuthorization,
+    Endpoints,
+    HttpRequest,
+    HttpResponse,
+    TokenSet,
+)
+from agent.oauth.tokens import (
+    id_token_claims,
+    receive_refresh,
+    receive_revocation,
+    receive_userinfo,
+    refresh_request,
+    revocation_request,
+    userinfo_request,
+)
+
+__all__ = [
+    "Approved",
+    "Client",
+    "CodeIssued",
+    "Denied",
+    "DeviceAuthorization",
+    "DevicePoll",
+    "Endpoints",
+    "Event",
+    "Expired",
+    "HttpRequest",
+    "HttpResponse",
+    "Pending",
+    "RefreshRejected",
+    "Refreshed",
+    "Rejected",
+    "ServerTrouble",
+    "SlowDown",
+    "Throttled",
+    "TokenSet",
+    "authentik_endpoints",
+    "device_authorization_request",
+    "discovery_requests",
+    "id_token_claims",
+    "parse_discovery",
+    "receive_device_authorization",
+    "receive_refresh",
+    "receive_revocation",
+    "receive_userinfo",
+    "refresh_request",
+    "revocation_request",
+    "userinfo_request",
+]

@@ -1,0 +1,138 @@
+"""Refresh (RFC 6749 §6), revocation (RFC 7009) and userinfo (OpenID Connect Core §5.3)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from agent.errors import (
+    InvalidGrant,
+    MalformedResponse,
+    ServerError,
+    TemporarilyUnavailable,
+    UnknownOAuthError,
+)
+from agent.oauth.events import Refreshed, RefreshRejected, Rejected, ServerTrouble
+from agent.oauth.models import Client, HttpRequest, HttpResponse, TokenSet
+from agent.oauth.wire import (
+    form_request,
+    parse_error,
+    parse_json_object,
+    parse_token_response,
+    retry_after,
+)
+
+__all__ = [
+    "USER_CLAIMS",
+    "id_token_claims",
+    "receive_refresh",
+    "receive_revocation",
+    "receive_userinfo",
+    "refresh_request",
+    "revocation_request",
+    "userinfo_request",
+]
+
+# The claims kept for display and status: who signed the device in.
+USER_CLAIMS = ("sub", "name", "preferred_username", "email")
+
+
+def refresh_request(tokens: TokenSet, *, client: Client, token_endpoint: str) -> HttpRequest:
+    """RFC 6749 §6. `scope` is left out on purpose: §6 says omitted means "the scope
+    originally granted", and authentik rejects a scope list that differs from the
+    original or lacks offline_access."""
+    if tokens.refresh_token is None:
+        raise ValueError("no refresh token to refresh with")
+    return form_request(
+        token_endpoint,
+        {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token},
+        client,
+        authenticate=True,
+    )
+
+
+def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: float,
+                    ) -> Refreshed | RefreshRejected | Rejected | ServerTrouble:
+    """- 200: new tokens; a missing refresh_token means the old one stays (RFC 6749 §6).
+    - invalid_grant: the refresh token is dead (expired, revoked, or rotated away).
+    - server_error, temporarily_unavailable, 5xx, 429, malformed: try again later.
+    - any other error: the provider refuses our client; a new sign-in would not help.
+    """
+    hint = retry_after(response, now_wall=now_wall)
+    if response.status == 200:
+        try:
+            return Refreshed(tokens=parse_token_response(
+                response, now_wall=now_wall, previous=previous))
+        except MalformedResponse as exc:
+            return ServerTrouble(reason=str(exc))
+    error = parse_error(response)
+    if response.status >= 500 or response.status == 429 or isinstance(
+            error, ServerError | TemporarilyUnavailable):
+        return ServerTrouble(reason=f"HTTP {response.status}", retry_after=hint)
+    if error is None:
+        return ServerTrouble(reason=f"HTTP {response.status} without an error code",
+                             retry_after=hint)
+    if isinstance(error, InvalidGrant):
+        return RefreshRejected(error=error)
+    return Rejected(error=error)
+
+
+def revocation_request(token: str, *, hint: str, client: Client,
+                       endpoint: str) -> HttpRequest:
+    """RFC 7009 §2.1: `token` and `token_type_hint`, with client authentication."""
+    return form_request(endpoint, {"token": token, "token_type_hint": hint}, client,
+                        authenticate=True)
+
+
+def receive_revocation(response: HttpResponse) -> Rejected | ServerTrouble | None:
+    """RFC 7009 §2.2: 200 means revoked, and also "the token was unknown". §2.2.1: 503
+    means try later; other errors are RFC 6749 §5.2 errors."""
+    if response.status == 200:
+        return None
+    if response.status >= 500 or response.status == 429:
+        return ServerTrouble(reason=f"HTTP {response.status}")
+    error = parse_error(response) or UnknownOAuthError(
+        f"HTTP {response.status}", code="http_error", status=response.status)
+    return Rejected(error=error)
+
+
+def userinfo_request(tokens: TokenSet, *, endpoint: str) -> HttpRequest:
+    """OpenID Connect Core §5.3.1, with the token in the header (RFC 6750 §2.1)."""
+    return HttpRequest(
+        method="GET",
+        url=endpoint,
+        headers={"Authorization": f"Bearer {tokens.access_token}",
+                 "Accept": "application/json"},
+    )
+
+
+def _keep_user_claims(claims: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k in USER_CLAIMS if isinstance(v := claims.get(k), str) and v}
+
+
+def receive_userinfo(response: HttpResponse) -> dict[str, str]:
+    if response.status != 200:
+        raise MalformedResponse(f"userinfo answered HTTP {response.status}")
+    return _keep_user_claims(parse_json_object(response))
+
+
+def id_token_claims(id_token: str | None) -> dict[str, str]:
+    """The user claims of an ID token, for showing who signed in.
+
+    The signature is not checked: the token came straight from the token endpoint
+    over TLS (OpenID Connect Core §3.1.3.7 allows that), and the claims only label
+    the screen; nothing is authorised by them. Anything unreadable yields {}.
+    """
+    if not id_token:
+        return {}
+    parts = id_token.split(".")
+    if len(parts) != 3:
+        return {}
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return {}
+    return _keep_user_claims(claims) if isinstance(claims, dict) else {}

@@ -1,0 +1,67 @@
+"""How often to ask the provider for things: a budget of new codes, and back-off.
+
+Pure: times and randomness come in as arguments.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+__all__ = ["Backoff", "CodeBudget"]
+
+HOUR = 3600.0
+
+
+class CodeBudget:
+    """At most `per_hour` new device codes in any rolling hour.
+
+    authentik's device endpoint allows 20 requests an hour per address, counts failed
+    ones too, and then refuses everyone behind that address (all devices behind one
+    NAT share the bucket); a code nobody uses is spent all the same.
+    """
+
+    def __init__(self, per_hour: int) -> None:
+        if per_hour < 1:
+            raise ValueError("per_hour must be at least 1")
+        self.per_hour = per_hour
+        self._spent: deque[float] = deque()
+
+    def _forget_old(self, now: float) -> None:
+        while self._spent and self._spent[0] <= now - HOUR:
+            self._spent.popleft()
+
+    def next_allowed(self, now: float) -> float:
+        """The earliest monotonic time a new code may be requested (now, or later)."""
+        self._forget_old(now)
+        if len(self._spent) < self.per_hour:
+            return now
+        return self._spent[0] + HOUR
+
+    def spend(self, now: float) -> None:
+        self._forget_old(now)
+        self._spent.append(now)
+
+    @property
+    def used(self) -> int:
+        return len(self._spent)
+
+
+class Backoff:
+    """Exponential back-off with full jitter (the AWS architecture blog's variant):
+    each delay is uniform in [0, min(cap, base * 2**attempt)], so a fleet of devices
+    that lost the provider at the same moment does not come back in lockstep."""
+
+    def __init__(self, base: float, cap: float, *, rng: random.Random | None = None) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self, floor: float = 0.0) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return max(floor, self._rng.uniform(0, ceiling))
+
+    def reset(self) -> None:
+        self.attempt = 0

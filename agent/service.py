@@ -1,0 +1,182 @@
+"""Builds the daemon from its config and runs it until told to stop.
+
+`serve()` takes the shutdown trigger as an argument (hypercorn's pattern): only the CLI
+installs signal handlers or exits the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from agent.clock import Clock, SystemClock
+from agent.config import AgentConfig
+from agent.display import Display
+from agent.driver import Driver, DriverSettings
+from agent.oauth import Client, Endpoints
+from agent.state import Phase, Snapshot, summary
+from agent.store import CredentialStore
+from agent.systemd import Notifier, listen_sockets, run_watchdog, watchdog_interval
+from agent.transport import Transport
+
+__all__ = ["create_display", "driver_settings", "serve"]
+
+log = logging.getLogger(__name__)
+
+# SIGTERM must end the process within 2 s; an in-flight refresh gets most of that.
+REFRESH_GRACE = 1.5
+
+
+def driver_settings(config: AgentConfig) -> DriverSettings:
+    provider = config.provider
+    endpoints = None
+    if provider.device_authorization_endpoint and provider.token_endpoint:
+        endpoints = Endpoints(
+            issuer=provider.issuer,
+            device_authorization=provider.device_authorization_endpoint,
+            token=provider.token_endpoint,
+            revocation=provider.revocation_endpoint,
+            userinfo=provider.userinfo_endpoint,
+        )
+    return DriverSettings(
+        client=Client(client_id=provider.client_id, client_secret=provider.client_secret),
+        scopes=provider.scopes,
+        device_name=config.device.name,
+        issuer=provider.issuer,
+        endpoints=endpoints,
+        allow_insecure_http=provider.allow_insecure_http,
+        codes_per_hour=config.sign_in.codes_per_hour,
+        throttle_backoff=config.sign_in.throttle_backoff,
+        throttle_backoff_max=config.sign_in.throttle_backoff_max,
+        retry_initial=config.sign_in.retry_initial,
+        retry_max=config.sign_in.retry_max,
+        refresh_margin=config.refresh.margin,
+        refresh_margin_ratio=config.refresh.margin_ratio,
+        refresh_retry_initial=config.refresh.retry_initial,
+        refresh_retry_max=config.refresh.retry_max,
+    )
+
+
+def create_display(config: AgentConfig) -> Display | None:
+    kind = config.display.type
+    if kind == "none":
+        return None
+    if kind == "console":
+        from agent.display.console import ConsoleDisplay
+
+        return ConsoleDisplay()
+    log.warning("display type %s is not available in this build; using the console", kind)
+    from agent.display.console import ConsoleDisplay
+
+    return ConsoleDisplay()
+
+
+def _differs_from(old: Snapshot) -> Callable[[Snapshot], bool]:
+    return lambda new: new is not old
+
+
+async def _drive_display(display: Display, driver: Driver, clock: Clock) -> None:
+    """Redraw on every state change, and every second while a countdown runs."""
+    from agent.display.screens import build_screen
+
+    await display.start()
+    try:
+        while True:
+            snapshot = driver.snapshot
+            poll = driver.poll
+            screen = build_screen(
+                snapshot, now_mono=clock.monotonic(), now_wall=clock.time(),
+                code_lifetime=poll.authorization.expires_in if poll else None)
+            try:
+                await display.show(screen)
+            except Exception:
+                log.exception("the display failed; the agent goes on without it")
+            changed = asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))
+            try:
+                if snapshot.phase == Phase.AWAITING_USER:
+                    await asyncio.wait([changed], timeout=1.0)
+                else:
+                    await changed
+            finally:
+                changed.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            await display.close()
+
+
+async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
+                clock: Clock | None = None, display: Display | None = None,
+                use_default_display: bool = True,
+                on_ready: Callable[[Driver], None] | None = None) -> None:
+    """Run the agent until `shutdown` completes (or the driver fails)."""
+    from agent.api import AccessPolicy, ApiServer, build_app
+
+    clock = clock or SystemClock()
+    notifier = Notifier.from_environment()
+    store = CredentialStore(config.storage.path)
+    store.open()
+    tasks: list[asyncio.Task[None]] = []
+    api: ApiServer | None = None
+    transport = Transport(timeout=config.provider.timeout,
+                          max_response_bytes=config.provider.max_response_bytes,
+                          ca_file=config.provider.ca_file)
+    driver = Driver(driver_settings(config), sender=transport, store=store, clock=clock)
+    try:
+        def on_change(snapshot: Snapshot) -> None:
+            notifier.status(summary(snapshot, now_wall=clock.time()))
+
+        driver.add_listener(on_change)
+        await driver.load()
+        policy = AccessPolicy(read_users=config.api.read_users,
+                              read_groups=config.api.read_groups,
+                              admin_users=config.api.admin_users,
+                              admin_groups=config.api.admin_groups)
+        inherited = _inherited_socket()
+        api = ApiServer(build_app(driver, policy, wall_clock=clock.time), config.api.socket,
+                        mode=config.api.mode, sock=inherited)
+        await api.start()
+        if display is None and use_default_display:
+            display = create_display(config)
+        if display is not None:
+            tasks.append(asyncio.create_task(_drive_display(display, driver, clock),
+                                             name="display"))
+        interval = watchdog_interval()
+        if interval is not None and notifier.enabled:
+            tasks.append(asyncio.create_task(run_watchdog(notifier, interval), name="watchdog"))
+        run = asyncio.create_task(driver.run(), name="driver")
+        notifier.ready(summary(driver.snapshot, now_wall=clock.time()))
+        if on_ready is not None:
+            on_ready(driver)
+        stop = asyncio.ensure_future(shutdown)
+        await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
+        if run.done():
+            stop.cancel()
+            run.result()  # the driver never returns; re-raise what stopped it
+        notifier.stopping("Stopping")
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        await driver.settle(REFRESH_GRACE)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if api is not None:
+            await api.close()
+        await transport.close()
+        store.close()
+        notifier.close()
+
+
+def _inherited_socket() -> socket.socket | None:
+    sockets = listen_sockets()
+    if not sockets:
+        return None
+    if len(sockets) > 1:
+        log.warning("systemd passed %d sockets; using the first", len(sockets))
+    return sockets[0]

@@ -1,0 +1,414 @@
+"""The credential file: the refresh token that keeps this device signed in.
+
+Losing the file means someone walks to the device to sign it in again; leaking it
+means someone else can act as the device. Hence:
+
+- writes replace the file atomically and durably (`agent.fsutil.write_atomic`), so a
+  power cut or a kill leaves the old file or the new one, never a torn one;
+- the file is born 0600 and a file open to other users, or owned by someone else, is
+  refused rather than used (its token must be presumed copied);
+- the directory must not be writable by others, who could swap the file;
+- an exclusive `flock` on a lock file beside it keeps a second agent from writing
+  over the first (a rotated refresh token lost that way is a dead sign-in);
+- a file that does not parse is reported and left in place for a person to inspect.
+
+No message raised or logged here quotes the file's content.
+
+The methods block on disk I/O; the driver calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked
+from agent.fsutil import remove_durably, remove_stale_temps, write_atomic
+from agent.oauth.models import TokenSet
+
+__all__ = ["FORMAT_VERSION", "CredentialStore", "Credentials"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bumped when a change would make an older agent misread the file."""
+
+_MAX_FILE_SIZE = 1 << 20  # far beyond any real token set; refuses to slurp a wrong file
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_PARENT_MODE = 0o755
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credentials:
+    """What the store keeps: the tokens and whom they were issued to and by.
+
+    `issuer` lets the agent discard tokens of another provider when the config
+    changes; `claims` (sub, name, preferred_username, email) only label screens.
+    """
+
+    tokens: TokenSet
+    client_id: str
+    issuer: str | None
+    # Left out of the hash (a dict is unhashable); equality still compares it.
+    claims: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+class CredentialStore:
+    """The credential file at `path`, guarded by `<name>.lock` beside it.
+
+    `open()` (or `with`) checks the directory and takes the lock; `save()` and
+    `clear()` need it. `load()` works without it: the atomic rename means a reader
+    never sees a half-written file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock_path = self._path.with_name(self._path.name + ".lock")
+        self._lock_fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create and check the directory, take the lock, clear a crash's leftovers.
+
+        Raises StoreInsecure for a directory others can write to or that belongs to
+        another user, StoreLocked when another process holds the lock, StoreError for
+        other I/O trouble. Opening an open store does nothing.
+        """
+        if self._lock_fd is not None:
+            return
+        directory = self._path.parent
+        try:
+            _make_directory(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot create {directory}: {_reason(exc)}") from None
+        if not self._check_directory():
+            raise StoreError(f"{directory} disappeared while being opened")
+        self._lock_fd = self._lock()
+        try:
+            removed = remove_stale_temps(self._path)
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot clean up {directory}: {_reason(exc)}") from None
+        if removed:
+            log.warning("removed %d temporary file(s) an interrupted write left in %s",
+                        removed, directory)
+
+    def close(self) -> None:
+        """Release the lock. The lock file stays: removing it would let a process that
+        already opened it and one that creates a new one both think they hold it."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_directory(self) -> bool:
+        """False when the directory does not exist; raises when it is unsafe."""
+        directory = self._path.parent
+        try:
+            # Followed on purpose: systemd's StateDirectory= with DynamicUser= is a
+            # symlink into /var/lib/private, and the target is what must be safe.
+            st = os.stat(directory)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot inspect {directory}: {_reason(exc)}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{directory} is not a directory")
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            raise StoreInsecure(
+                f"{directory} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
+                f"fix: chown {euid} {directory}")
+        # Checked from the mode bits, not os.access(): root passes every access check.
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StoreInsecure(
+                f"{directory} is writable by other users (mode {_mode(st.st_mode)}), who "
+                f"could replace the credentials; fix: chmod go-w {directory}")
+        return True
+
+    def _lock(self) -> int:
+        try:
+            fd = os.open(self._lock_path,
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            raise StoreError(f"cannot open lock file {self._lock_path}: {_reason(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                f"{self._path} is in use: another device-agent is running with this "
+                f"credential store (it holds {self._lock_path})") from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self._lock_path}: {_reason(exc)}") from None
+        return fd
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"credential store {self._path} is not open")
+
+    # -- content ---------------------------------------------------------------
+
+    def load(self) -> Credentials | None:
+        """The stored credentials, or None when there is no file.
+
+        Raises StoreInsecure for a file others can read or write, one owned by another
+        user, or a symbolic link; StoreCorrupt for one that does not parse, lacks a
+        field or comes from a newer format version (left in place either way).
+        """
+        if not self._check_directory():
+            return None
+        data = self._read()
+        if data is None:
+            return None
+        try:
+            document = json.loads(data)
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError is
+        # absurdly deep nesting.
+        except (ValueError, RecursionError):
+            raise StoreCorrupt(f"{self._path} is not valid JSON") from None
+        return _decode(document, self._path)
+
+    def _read(self) -> bytes | None:
+        path = self._path
+        try:
+            # O_NOFOLLOW: a symlink would be read here but replaced by save(), and may
+            # point at a file of someone else. O_NONBLOCK: a FIFO must not hang us.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if os.path.islink(path):
+                raise StoreInsecure(
+                    f"{path} is a symbolic link; the credentials must be a regular file "
+                    f"(fix: replace it with the file it points to)") from None
+            raise StoreError(f"cannot read {path}: {_reason(exc)}") from None
+        try:
+            # Checked on the open descriptor, so the file cannot be swapped in between.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreCorrupt(f"{path} is not a regular file")
+            euid = os.geteuid()
+            if st.st_uid != euid:
+                raise StoreInsecure(
+                    f"{path} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
+                    f"its tokens may be known to others: fix: chown {euid} {path}, "
+                    f"or sign in again after deleting it")
+            if st.st_mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH):
+                raise StoreInsecure(
+                    f"{path} is open to other users (mode {_mode(st.st_mode)}); "
+                    f"fix: chmod 600 {path}, and consider signing in again if others "
+                    f"may have read it")
+            if st.st_size > _MAX_FILE_SIZE:
+                raise StoreCorrupt(f"{path} is too large ({st.st_size} bytes) to be "
+                                   f"a credential file")
+            chunks: list[bytes] = []
+            total = 0
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > _MAX_FILE_SIZE:
+                    raise StoreCorrupt(f"{path} is too large to be a credential file")
+            return b"".join(chunks)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {_reason(exc)}") from None
+        finally:
+            os.close(fd)
+
+    def save(self, credentials: Credentials) -> None:
+        """Replace the file with `credentials`, atomically, durably, mode 0600.
+
+        When this returns, the credentials survive a power cut. Raises StoreError
+        (naming the path and the OS reason) when the disk refuses.
+        """
+        self._require_lock()
+        # ensure_ascii=False keeps names in claims legible to a person reading the file.
+        data = json.dumps(_encode(credentials), indent=2, ensure_ascii=False,
+                          allow_nan=False) + "\n"
+        try:
+            write_atomic(self._path, data.encode("utf-8"), mode=_FILE_MODE)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self._path}: {_reason(exc)}") from None
+
+    def clear(self) -> None:
+        """Remove the file durably (logout). Clearing an absent file is fine."""
+        self._require_lock()
+        try:
+            remove_durably(self._path)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {self._path}: {_reason(exc)}") from None
+
+
+# -- the format ------------------------------------------------------------------
+#
+# {
+#   "version": 1,
+#   "client_id": "...", "issuer": "..." | null, "claims": {"name": "...", ...},
+#   "tokens": {"access_token": "...", "token_type": "Bearer", "issued_at": 1700000000.0,
+#              "expires_at": 1700000300.0 | null, "refresh_token": "..." | null,
+#              "id_token": "..." | null, "scope": "..." | null}
+# }
+#
+# Every key is written and every key is required on reading: a missing expires_at, say,
+# must not quietly become "never expires". Unknown keys are ignored.
+
+
+def _encode(credentials: Credentials) -> dict[str, Any]:
+    tokens = credentials.tokens
+    return {
+        "version": FORMAT_VERSION,
+        "client_id": credentials.client_id,
+        "issuer": credentials.issuer,
+        "claims": dict(credentials.claims),
+        "tokens": {
+            "access_token": tokens.access_token,
+            "token_type": tokens.token_type,
+            "issued_at": tokens.issued_at,
+            "expires_at": tokens.expires_at,
+            "refresh_token": tokens.refresh_token,
+            "id_token": tokens.id_token,
+            "scope": tokens.scope,
+        },
+    }
+
+
+class _Fields:
+    """Typed access to one JSON object; every complaint names the field, never its
+    value, which may be a token."""
+
+    def __init__(self, obj: object, where: str, path: Path) -> None:
+        self._path = path
+        self._where = where
+        if not isinstance(obj, dict):
+            raise self._corrupt(f"{where or 'the document'} is not a JSON object")
+        self._obj: dict[str, object] = obj
+
+    def _corrupt(self, what: str) -> StoreCorrupt:
+        return StoreCorrupt(f"{self._path} is not a valid credential file: {what}")
+
+    def raw(self, key: str) -> object:
+        if key not in self._obj:
+            raise self._corrupt(f"{self._where}{key} is missing")
+        return self._obj[key]
+
+    def text(self, key: str) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str) or not value:
+            raise self._corrupt(f"{self._where}{key} is not a non-empty string")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        value = self.raw(key)
+        if value is not None and not isinstance(value, str):
+            raise self._corrupt(f"{self._where}{key} is neither a string nor null")
+        return value
+
+    @staticmethod
+    def _finite(value: object) -> float | None:
+        # bool is an int to Python, but `true` is no time.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        number = float(value)
+        return number if math.isfinite(number) else None
+
+    def number(self, key: str) -> float:
+        number = self._finite(self.raw(key))
+        if number is None:
+            raise self._corrupt(f"{self._where}{key} is not a number")
+        return number
+
+    def optional_number(self, key: str) -> float | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        number = self._finite(value)
+        if number is None:
+            raise self._corrupt(f"{self._where}{key} is neither a number nor null")
+        return number
+
+    def text_map(self, key: str) -> dict[str, str]:
+        value = self.raw(key)
+        if not isinstance(value, dict) or not all(
+                isinstance(v, str) for v in value.values()):
+            raise self._corrupt(f"{self._where}{key} is not an object of strings")
+        return dict(value)
+
+    def child(self, key: str) -> _Fields:
+        return _Fields(self.raw(key), f"{self._where}{key}.", self._path)
+
+
+def _decode(document: object, path: Path) -> Credentials:
+    top = _Fields(document, "", path)
+    version = top.raw("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StoreCorrupt(f"{path} is not a valid credential file: version is not a "
+                           f"positive integer")
+    if version > FORMAT_VERSION:
+        raise StoreCorrupt(
+            f"{path} was written by a newer device-agent (format version {version}; this "
+            f"one reads version {FORMAT_VERSION}); upgrade device-agent, or delete the "
+            f"file and sign in again")
+    tokens = top.child("tokens")
+    return Credentials(
+        tokens=TokenSet(
+            access_token=tokens.text("access_token"),
+            token_type=tokens.text("token_type"),
+            issued_at=tokens.number("issued_at"),
+            expires_at=tokens.optional_number("expires_at"),
+            refresh_token=tokens.optional_text("refresh_token"),
+            id_token=tokens.optional_text("id_token"),
+            scope=tokens.optional_text("scope"),
+        ),
+        client_id=top.text("client_id"),
+        issuer=top.optional_text("issuer"),
+        claims=top.text_map("claims"),
+    )
+
+
+def _make_directory(directory: Path) -> None:
+    """Create `directory` 0700 and any missing parents 0755 (the umask may narrow these,
+    never widen them): a parent writable by others would let them move the whole
+    directory aside."""
+    missing = []
+    for candidate in (directory, *directory.parents):
+        if os.path.lexists(candidate):
+            break
+        missing.append(candidate)
+    for candidate in reversed(missing):
+        # Another process may make it meanwhile; it is then checked like any other.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(candidate, _DIR_MODE if candidate == directory else _PARENT_MODE)
+
+
+def _reason(exc: OSError) -> str:
+    # strerror alone: str(exc) repeats the file name, which the caller already gives.
+    return exc.strerror or type(exc).__name__
+
+
+def _mode(st_mode: int) -> str:
+    return f"{stat.S_IMODE(st_mode):04o}"
+

@@ -1,0 +1,112 @@
+"""HTTP to the provider: the one module that imports the aiohttp client.
+
+Everything aiohttp, ssl or the OS can raise while talking to the provider leaves this
+module as an `agent.errors.TransportError`. Answers are capped in size, so a broken or
+hostile endpoint cannot fill a small device's memory.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlencode
+
+import aiohttp
+
+from agent import __version__
+from agent.errors import ConnectFailed, RequestTimeout, ResponseTooLarge, TLSFailed
+from agent.oauth.models import HttpRequest, HttpResponse
+
+__all__ = ["Transport"]
+
+_CHUNK = 16_384
+
+
+class Transport:
+    def __init__(self, *, timeout: float = 15.0, max_response_bytes: int = 1_048_576,
+                 ca_file: Path | None = None) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self._max_bytes = max_response_bytes
+        self._ca_file = ca_file
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        # The system trust store, plus the operator's CA for a private authentik.
+        context = ssl.create_default_context()
+        if self._ca_file is not None:
+            context.load_verify_locations(cafile=str(self._ca_file))
+        return context
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=4),
+                headers={"User-Agent": f"device-agent/{__version__}"},
+                # A provider has no business setting cookies on a device client.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        session = self._session_now()
+        headers = dict(request.headers)
+        data: bytes | None = None
+        if request.method == "POST":
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            data = urlencode(dict(request.form)).encode()
+        try:
+            async with session.request(
+                request.method, request.url, data=data, headers=headers,
+                # A POST carrying a code or secret must not be replayed elsewhere.
+                allow_redirects=request.method == "GET",
+            ) as response:
+                body = await self._read_capped(response)
+                return HttpResponse(status=response.status, body=body,
+                                    headers=dict(response.headers))
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise TLSFailed(f"TLS with {_host(request.url)} failed: {_reason(exc)}") from None
+        except TimeoutError:
+            raise RequestTimeout(f"{_host(request.url)} did not answer in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConnectFailed(f"{_host(request.url)}: {_reason(exc)}") from None
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        if response.content_length is not None and response.content_length > self._max_bytes:
+            raise ResponseTooLarge(
+                f"{_host(str(response.url))} answered {response.content_length} bytes, "
+                f"more than the {self._max_bytes} allowed")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise ResponseTooLarge(
+                    f"{_host(str(response.url))} answered more than {self._max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or url
+
+
+def _reason(exc: BaseException) -> str:
+    # aiohttp messages name the host and the OS error, never the request body.
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

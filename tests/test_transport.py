@@ -1,0 +1,155 @@
+"""The HTTP adapter over real loopback sockets: limits, TLS, and error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+from aiohttp import web
+
+from agent.errors import ConnectFailed, RequestTimeout, ResponseTooLarge, TLSFailed
+from agent.oauth import HttpRequest
+from agent.transport import Transport
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _app() -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        form = parse_qs((await request.read()).decode())
+        return web.json_response({"form": form,
+                                  "content_type": request.headers.get("Content-Type")})
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked: no Content-Length to trust
+        await response.prepare(request)
+        for _ in range(64):
+            await response.write(b"x" * 1024)
+        await response.write_eof()
+        return response
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.Response(text="late")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/echo")
+
+    app = web.Application()
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/echo", echo)
+    app.router.add_get("/big", big)
+    app.router.add_get("/slow", slow)
+    app.router.add_post("/redirect", redirect)
+    return app
+
+
+async def _serve(ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(_app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    scheme = "https" if ssl_context else "http"
+    return runner, f"{scheme}://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    runner, url = await _serve()
+    yield url
+    await runner.cleanup()
+
+
+async def test_form_encoding_survives_punctuation(server: str) -> None:
+    code = "a+b&c=d%e#f?g/h\\i\"j'k ~"
+    async with Transport() as transport:
+        response = await transport.send(HttpRequest(method="POST", url=f"{server}/echo",
+                                                    form={"device_code": code}))
+    body = response.body.decode()
+    assert response.status == 200
+    import json
+
+    parsed = json.loads(body)
+    assert parsed["form"]["device_code"] == [code]
+    assert parsed["content_type"] == "application/x-www-form-urlencoded"
+
+
+async def test_answer_size_is_capped(server: str) -> None:
+    async with Transport(max_response_bytes=10_000) as transport:
+        with pytest.raises(ResponseTooLarge):
+            await transport.send(HttpRequest(method="GET", url=f"{server}/big"))
+    async with Transport(max_response_bytes=100_000) as transport:
+        response = await transport.send(HttpRequest(method="GET", url=f"{server}/big"))
+        assert len(response.body) == 65_536
+
+
+async def test_timeout(server: str) -> None:
+    async with Transport(timeout=0.2) as transport:
+        with pytest.raises(RequestTimeout):
+            await transport.send(HttpRequest(method="GET", url=f"{server}/slow"))
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with Transport() as transport:
+        with pytest.raises(ConnectFailed, match=r"127\.0\.0\.1"):
+            await transport.send(HttpRequest(method="GET", url=f"http://127.0.0.1:{port}/"))
+
+
+async def test_post_is_not_redirected(server: str) -> None:
+    async with Transport() as transport:
+        response = await transport.send(HttpRequest(method="POST", url=f"{server}/redirect",
+                                                    form={"secret": "x"}))
+    assert response.status == 302
+
+
+async def test_tls_verified_with_system_trust_and_the_configured_ca(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner, url = await _serve(context)
+    try:
+        async with Transport() as transport:
+            with pytest.raises(TLSFailed, match=r"127\.0\.0\.1"):
+                await transport.send(HttpRequest(method="GET", url=f"{url}/echo"))
+        async with Transport(ca_file=cert) as transport:
+            response = await transport.send(HttpRequest(method="GET", url=f"{url}/echo"))
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
