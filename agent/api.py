@@ -11,8 +11,10 @@ CODE and the status that fits it (DESIGN.md §3).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -33,7 +35,7 @@ from agent.errors import AgentError, NotSignedIn
 from agent.logs import fingerprint
 from agent.state import Phase, Snapshot
 
-__all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "rfc3339"]
+__all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "rfc3339", "status_document"]
 
 log = logging.getLogger(__name__)
 
@@ -119,116 +121,157 @@ def rfc3339(when: float) -> str:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+    return web.json_response({"error": code, "message": message}, status=status,
+                             headers={"Cache-Control": "no-store"})
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+# Requests here carry no body worth more than this; a larger one is refused early.
+MAX_BODY = 4096
+# An idle event stream sends a comment this often, so a dead reader is noticed.
+EVENTS_HEARTBEAT = 15.0
 
 
 def build_app(driver: Driver, policy: AccessPolicy, *,
-              wall_clock: Callable[[], float] = time.time) -> web.Application:
-    routes = web.RouteTableDef()
+              wall_clock: Callable[[], float] = time.time,
+              heartbeat: float = EVENTS_HEARTBEAT) -> web.Application:
+    app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
 
-    def guarded(right: str) -> Callable[[Handler], Handler]:
-        def wrap(handler: Handler) -> Handler:
-            async def checked(request: web.Request) -> web.StreamResponse:
-                caller = peer_credentials(request)
-                if caller is None or not policy.allows(caller, right):
-                    who = "unknown" if caller is None else f"uid {caller.uid} ({caller.executable})"
-                    log.warning("api: refused %s %s to %s", request.method, request.path, who)
-                    return _error(403, "forbidden", f"this user may not {right} here")
-                request["caller"] = caller
-                return await handler(request)
-            return checked
-        return wrap
+    def route(method: str, path: str, right: str, handler: Handler) -> None:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            caller = peer_credentials(request)
+            if caller is None or not policy.allows(caller, right):
+                who = "unknown" if caller is None else (
+                    f"uid {caller.uid} pid {caller.pid} ({caller.executable})")
+                log.warning("api: refused %s %s to %s", request.method, request.path, who)
+                return _error(403, "forbidden", f"this user may not {right} here")
+            return await handler(request, caller)
+        app.router.add_route(method, path, checked)
 
-    def token_answer(request: web.Request, token: str, expires_in: float | None,
-                     extra: dict[str, Any]) -> web.Response:
-        caller: Caller = request["caller"]
-        log.info("api: token %s to uid %d pid %d (%s)", fingerprint(token), caller.uid,
+    def expiry_fields(expires_in: float | None) -> dict[str, Any]:
+        if expires_in is None:
+            return {"expires_in": None, "expires_at": None}
+        return {"expires_in": max(0, int(expires_in)),
+                "expires_at": rfc3339(wall_clock() + expires_in)}
+
+    def handed_out(caller: Caller, what: str, token: str) -> None:
+        log.info("api: %s %s to uid %d pid %d (%s)", what, fingerprint(token), caller.uid,
                  caller.pid, caller.executable)
-        body: dict[str, Any] = {**extra}
-        if expires_in is not None:
-            body["expires_in"] = int(expires_in)
-            body["expires_at"] = rfc3339(wall_clock() + expires_in)
-        else:
-            body["expires_in"] = None
-            body["expires_at"] = None
-        return web.json_response(body, headers={"Cache-Control": "no-store"})
 
-    @routes.get("/v1/token")
-    @guarded(READ)
-    async def get_token(request: web.Request) -> web.StreamResponse:
+    def not_signed_in(message: str | None = None) -> web.Response:
+        snapshot = driver.snapshot
+        if message is None:
+            message = "not signed in"
+            if snapshot.phase == Phase.AWAITING_USER:
+                message = (f"not signed in yet: enter code {snapshot.user_code} at "
+                           f"{snapshot.verification_uri}")
+        return _error(503, "not_signed_in", message)
+
+    async def get_token(request: web.Request, caller: Caller) -> web.StreamResponse:
         raw = request.query.get("min_ttl", "0")
         try:
             min_ttl = float(raw)
-            if not 0 <= min_ttl < 86_400 * 365:
+            if not 0 <= min_ttl <= MAX_MIN_TTL:
                 raise ValueError
         except ValueError:
-            return _error(400, "bad_request", "min_ttl must be a number of seconds >= 0")
+            return _error(400, "bad_request",
+                          f"min_ttl must be a number of seconds from 0 to {MAX_MIN_TTL}")
         try:
             tokens = await driver.get_token(min_ttl)
         except NotSignedIn as exc:
-            return _error(503, "not_signed_in", str(exc))
+            return not_signed_in(str(exc))
         except ProviderUnavailable as exc:
             return _error(502, "provider_unavailable", str(exc))
-        return token_answer(request, tokens.access_token, driver.remaining(), {
+        handed_out(caller, "token", tokens.access_token)
+        return web.json_response({
             "access_token": tokens.access_token,
             "token_type": tokens.token_type,
+            **expiry_fields(driver.remaining()),
             "scope": tokens.scope,
-        })
+        }, headers={"Cache-Control": "no-store"})
 
-    @routes.get("/v1/id_token")
-    @guarded(READ)
-    async def get_id_token(request: web.Request) -> web.StreamResponse:
+    async def get_id_token(request: web.Request, caller: Caller) -> web.StreamResponse:
         creds = driver.credentials
         if creds is None or not _valid(driver):
-            return _error(503, "not_signed_in", "no valid sign-in")
+            return not_signed_in()
         if creds.tokens.id_token is None:
             return _error(404, "no_id_token", "the provider issued no ID token")
-        return token_answer(request, creds.tokens.id_token, driver.remaining(),
-                            {"id_token": creds.tokens.id_token})
+        handed_out(caller, "id token", creds.tokens.id_token)
+        return web.json_response({"id_token": creds.tokens.id_token,
+                                  **expiry_fields(driver.remaining())},
+                                 headers={"Cache-Control": "no-store"})
 
-    @routes.get("/v1/status")
-    @guarded(READ)
-    async def get_status(request: web.Request) -> web.StreamResponse:
-        return web.json_response(status_document(driver.snapshot, driver))
+    async def get_userinfo(request: web.Request, caller: Caller) -> web.StreamResponse:
+        creds = driver.credentials
+        if creds is None:
+            return not_signed_in()
+        return web.json_response(dict(creds.claims))
 
-    @routes.post("/v1/login")
-    @guarded(ADMIN)
-    async def post_login(request: web.Request) -> web.StreamResponse:
-        next_at = driver.request_login()
-        wait = max(0.0, next_at - driver_monotonic(driver))
+    async def get_status(request: web.Request, caller: Caller) -> web.StreamResponse:
+        return web.json_response(status_document(driver.snapshot))
+
+    async def get_events(request: web.Request, caller: Caller) -> web.StreamResponse:
+        """Server-Sent Events: one `state` event per change, the current one first."""
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        changes = driver.changes()
+        try:
+            while True:
+                try:
+                    snapshot = await asyncio.wait_for(anext(changes), heartbeat)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                data = json.dumps(status_document(snapshot))
+                await response.write(f"event: state\ndata: {data}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            await changes.aclose()
+        return response
+
+    async def post_login(request: web.Request, caller: Caller) -> web.StreamResponse:
+        next_at = driver.request_login(new_sign_in=True)
+        wait = max(0.0, next_at - driver.clock.monotonic())
+        log.info("api: new sign-in requested by uid %d (%s)", caller.uid, caller.executable)
         return web.json_response(
             {"accepted": True, "next_code_in": int(wait),
              "next_code_at": rfc3339(wall_clock() + wait)}, status=202)
 
-    @routes.post("/v1/refresh")
-    @guarded(ADMIN)
-    async def post_refresh(request: web.Request) -> web.StreamResponse:
+    async def post_refresh(request: web.Request, caller: Caller) -> web.StreamResponse:
         if driver.credentials is None:
-            return _error(503, "not_signed_in", "not signed in")
+            if driver.snapshot.phase == Phase.AWAITING_USER:
+                return _error(409, "sign_in_in_progress",
+                              "a sign-in is in progress; there is nothing to refresh yet")
+            return not_signed_in()
         try:
             await driver.refresh()
         except NotSignedIn as exc:
-            return _error(503, "not_signed_in", str(exc))
+            return not_signed_in(str(exc))
         except AgentError as exc:
             return _error(502, "provider_unavailable", str(exc))
-        return web.json_response(status_document(driver.snapshot, driver))
+        return web.json_response(status_document(driver.snapshot))
 
-    @routes.post("/v1/logout")
-    @guarded(ADMIN)
-    async def post_logout(request: web.Request) -> web.StreamResponse:
+    async def post_logout(request: web.Request, caller: Caller) -> web.StreamResponse:
+        log.info("api: sign-out requested by uid %d (%s)", caller.uid, caller.executable)
         problems = await driver.logout()
         return web.json_response({"signed_out": True, "problems": problems})
 
-    app = web.Application(middlewares=[_json_errors])
-    app.add_routes(routes)
+    route("GET", "/v1/token", READ, get_token)
+    route("GET", "/v1/id_token", READ, get_id_token)
+    route("GET", "/v1/userinfo", READ, get_userinfo)
+    route("GET", "/v1/status", READ, get_status)
+    route("GET", "/v1/events", READ, get_events)
+    route("POST", "/v1/login", ADMIN, post_login)
+    route("POST", "/v1/refresh", ADMIN, post_refresh)
+    route("POST", "/v1/logout", ADMIN, post_logout)
     return app
 
 
-def driver_monotonic(driver: Driver) -> float:
-    return driver.clock.monotonic()
+# A year: longer than any token lives, so a larger min_ttl is a mistake.
+MAX_MIN_TTL = 365 * 86_400
 
 
 def _valid(driver: Driver) -> bool:
@@ -236,7 +279,7 @@ def _valid(driver: Driver) -> bool:
     return left is None or left > 0
 
 
-def status_document(snapshot: Snapshot, driver: Driver) -> dict[str, Any]:
+def status_document(snapshot: Snapshot) -> dict[str, Any]:
     def when(value: float | None) -> str | None:
         return None if value is None else rfc3339(value)
 
@@ -245,8 +288,9 @@ def status_document(snapshot: Snapshot, driver: Driver) -> dict[str, Any]:
         "device_name": snapshot.device_name,
         "user": snapshot.user,
         "token_expires_at": when(snapshot.token_expires_at),
-        "last_error": snapshot.last_error,
+        "code": None,
         "next_code_at": when(snapshot.next_code_at),
+        "last_error": snapshot.last_error,
         "version": __version__,
     }
     if snapshot.phase == Phase.AWAITING_USER:
@@ -260,13 +304,16 @@ def status_document(snapshot: Snapshot, driver: Driver) -> dict[str, Any]:
 
 
 @web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                       ) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "too_large"}.get(exc.status, "bad_request")
         return _error(exc.status, code, exc.reason)
 
 
@@ -301,6 +348,10 @@ class ApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            if self._sock is None:
+                # Ours to remove; an inherited socket belongs to systemd.
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -162,7 +162,7 @@ class Driver:
             await self._changed.wait()
         return self._snapshot
 
-    async def changes(self) -> AsyncIterator[Snapshot]:
+    async def changes(self) -> AsyncGenerator[Snapshot, None]:
         """Every snapshot from now on (a slow reader sees the latest, not each one)."""
         last: Snapshot | None = None
         while True:
@@ -272,11 +272,14 @@ class Driver:
         # token is about to be written (the old one is already revoked at authentik).
         return await asyncio.shield(self._refresh_task)
 
-    def request_login(self) -> float:
-        """Ask for a new sign-in (a new code now, within the budget). Returns the
-        monotonic time the next code can come."""
-        self._login_requested = True
-        self._wake.set()
+    def request_login(self, *, new_sign_in: bool = False) -> float:
+        """Ask for a new code now (within the budget) while signing in; with
+        `new_sign_in`, also start over when already signed in (the current token is
+        served until the new sign-in completes). Returns the monotonic time the next
+        code can come."""
+        if new_sign_in or self._credentials is None:
+            self._login_requested = True
+            self._wake.set()
         return self._budget.next_allowed(self._clock.monotonic())
 
     async def logout(self) -> list[str]:

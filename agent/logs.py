@@ -71,6 +71,23 @@ def _writes_to_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
     return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
 
 
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever `sys.stderr` is when a record is emitted: test harnesses and
+    embedding programs swap it, and a handler holding a replaced, closed stream would
+    turn every log line into an error."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def setup_logging(level: str = "info", *, stream: TextIO | None = None,
                   environ: Mapping[str, str] | None = None) -> None:
     """Send the ``agent`` loggers to `stream` (stderr by default) at `level`.
@@ -87,7 +104,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None,
     out = sys.stderr if stream is None else stream
     env = os.environ if environ is None else environ
 
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(out) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     if _writes_to_journal(out, env):
         handler.setFormatter(_JournalFormatter("%(message)s"))

@@ -114,6 +114,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
     """Run the agent until `shutdown` completes (or the driver fails)."""
     from agent.api import AccessPolicy, ApiServer, build_app
 
+    stop = asyncio.ensure_future(shutdown)
     clock = clock or SystemClock()
     notifier = Notifier.from_environment()
     store = CredentialStore(config.storage.path)
@@ -150,17 +151,17 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         notifier.ready(summary(driver.snapshot, now_wall=clock.time()))
         if on_ready is not None:
             on_ready(driver)
-        stop = asyncio.ensure_future(shutdown)
         await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
         if run.done():
-            stop.cancel()
             run.result()  # the driver never returns; re-raise what stopped it
+        log.info("stopping")
         notifier.stopping("Stopping")
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run
         await driver.settle(REFRESH_GRACE)
     finally:
+        stop.cancel()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -171,6 +172,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         await transport.close()
         store.close()
         notifier.close()
+        log.info("stopped")
 
 
 def _inherited_socket() -> socket.socket | None:

@@ -1,0 +1,185 @@
+"""The command line: exit statuses, the commands scripts use, and check-provider,
+against a real agent (in this process's loop) on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, main
+from agent.driver import Driver
+from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+from agent.service import serve
+from agent.state import Phase
+
+
+def write_config(path: Path, idp: IdentityProvider, tmp: Path, **extra: Any) -> Path:
+    data: dict[str, Any] = {
+        "provider": {"issuer": idp.issuer, "client_id": "device-agent",
+                     "allow_insecure_http": True},
+        "display": {"type": "none"},
+        "storage": {"path": str(tmp / "state" / "credentials.json")},
+        "api": {"socket": str(tmp / "run" / "agent.sock")},
+    }
+    data.update(extra)
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdentityProvider]:
+    async with serve_provider(ProviderSettings(interval=1)) as provider:
+        yield provider
+
+
+class Agent:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.driver: Driver | None = None
+
+    async def cli(self, *argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+        status = await asyncio.to_thread(main, [*argv, "--config", str(self.config_path)])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+
+@pytest.fixture
+async def agent(idp: IdentityProvider, tmp_path: Path) -> AsyncIterator[Agent]:
+    from agent.config import load_config
+
+    path = write_config(tmp_path / "config.yaml", idp, tmp_path)
+    running = Agent(path)
+    ready = asyncio.Event()
+
+    def on_ready(driver: Driver) -> None:
+        running.driver = driver
+        ready.set()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(load_config(path), shutdown=stop.wait(), on_ready=on_ready))
+    await asyncio.wait_for(ready.wait(), 5)
+    yield running
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("provider:\n  issuer: https://auth.example.com/application/o/x/\n"
+                    "  client_id: x\n")
+    assert main(["check-config", str(path)]) == EX_OK
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("provider:\n  issuer: http://auth.example.com/application/o/x/\n  client_id: x\n",
+     "provider.issuer"),
+    ("provider:\n  issuer: https://a/application/o/x/\n", "provider.client_id"),
+    ("provider:\n  issuer: https://a/application/o/x/\n  client_id: x\nrefresh:\n"
+     "  margin: -5s\n", "refresh.margin"),
+    ("provider:\n  issuer: https://a/x/\n  client_id: x\n  colour: blue\n", "provider.colour"),
+])
+def test_broken_config_exits_78_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    assert key in capsys.readouterr().err
+    assert main(["run", "--config", str(path)]) == EX_CONFIG
+    assert key in capsys.readouterr().err
+
+
+def test_token_without_agent_exits_69(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["token", "--socket", str(tmp_path / "nobody.sock")])
+    assert status == EX_UNAVAILABLE
+    assert "no agent is listening" in capsys.readouterr().err
+
+
+async def test_token_status_login_through_the_socket(
+        agent: Agent, idp: IdentityProvider, capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent.driver is not None
+    snapshot = await asyncio.wait_for(
+        agent.driver.wait_for(lambda s: s.phase == Phase.AWAITING_USER), 5)
+    status, out, err = await agent.cli("token", capsys=capsys)
+    assert status == EX_TEMPFAIL
+    assert snapshot.user_code is not None and snapshot.user_code in err
+
+    status, out, _ = await agent.cli("status", capsys=capsys)
+    assert status == EX_OK and "awaiting_user" in out and snapshot.user_code in out
+
+    idp.approve(snapshot.user_code)
+    # Real time here: the test provider says interval 5 s; skip the wait by asking for
+    # a new code is not what we want, so poll the driver instead.
+    await asyncio.wait_for(agent.driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN), 10)
+
+    status, out, _ = await agent.cli("token", capsys=capsys)
+    assert status == EX_OK
+    assert idp.access_token_valid(out.strip())
+
+    status, out, _ = await agent.cli("token", "--json", capsys=capsys)
+    body = json.loads(out)
+    assert body["token_type"] == "Bearer" and body["expires_in"] > 3500
+
+    status, out, _ = await agent.cli("status", "--json", capsys=capsys)
+    assert json.loads(out)["user"] == "Alice Example"
+
+
+def _findings(idp: IdentityProvider, tmp_path: Path, **provider: Any) -> Callable[[], int]:
+    data: dict[str, Any] = {"issuer": idp.issuer, "client_id": "device-agent",
+                            "allow_insecure_http": True}
+    data.update(provider)
+    path = write_config(tmp_path / "c.yaml", idp, tmp_path, provider=data)
+    return lambda: main(["check-provider", "--config", str(path)])
+
+
+async def test_check_provider_reports_short_codes_with_the_fix(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = await asyncio.to_thread(_findings(idp, tmp_path))
+    out = capsys.readouterr().out
+    assert status == EX_OK
+    assert "codes expire after 60 s" in out
+    assert "Access code validity" in out
+    assert "spends one" in out
+    assert len([r for r in idp.requests if r.endpoint == "device"]) == 1
+
+
+async def test_check_provider_without_device_request_spends_nothing(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check = _findings(idp, tmp_path)
+    path = tmp_path / "c.yaml"
+    status = await asyncio.to_thread(
+        main, ["check-provider", "--config", str(path), "--no-device-request"])
+    del check
+    assert status == EX_OK
+    assert not [r for r in idp.requests if r.endpoint == "device"]
+
+
+async def test_check_provider_without_offline_access(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = await asyncio.to_thread(_findings(idp, tmp_path, scopes=["openid"]))
+    out = capsys.readouterr().out
+    assert status == EX_OK
+    assert "lacks offline_access" in out
+
+
+async def test_check_provider_unknown_client_fails(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = await asyncio.to_thread(_findings(idp, tmp_path, client_id="nobody"))
+    out = capsys.readouterr().out
+    assert status == EX_CONFIG
+    assert "invalid_client" in out and "client_id" in out
+
+
+async def test_check_provider_wrong_issuer_explains(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = idp.issuer.replace("device-agent", "no-such-app")
+    status = await asyncio.to_thread(_findings(idp, tmp_path, issuer=wrong))
+    out = capsys.readouterr().out
+    assert status == EX_CONFIG
+    assert "application/o/SLUG/" in out
