@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError, StoreError
+from agent.errors import AgentError, ConfigError, StoreError, StoreInsecure
 
 __all__ = ["main"]
 
@@ -80,9 +80,16 @@ def _run_service(config: Any, **serve_args: Any) -> int:
 
     try:
         asyncio.run(main())
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EX_CONFIG
+    except StoreInsecure as exc:
+        # Restarting will not fix file permissions; a person must.
+        log.error("%s", exc)
+        return EX_CONFIG
     except StoreError as exc:
         log.error("%s", exc)
-        return EX_CONFIG if "insecure" in type(exc).__name__.lower() else EX_TEMPFAIL
+        return EX_TEMPFAIL
     except AgentError as exc:
         log.error("%s", exc)
         return EX_SOFTWARE

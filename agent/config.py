@@ -33,6 +33,8 @@ from agent.errors import ConfigError
 
 __all__ = [
     "DISPLAY_TYPES",
+    "HookConfig",
+    "SinkConfig",
     "LOG_LEVELS",
     "OLED_DISPLAY_TYPES",
     "AgentConfig",
@@ -175,6 +177,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SinkConfig:
+    path: Path
+    format: str = "raw"
+    mode: int = 0o600
+    owner: str | None = None
+    group: str | None = None
+    on_logout: str = "remove"
+    env_prefix: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HookConfig:
+    command: tuple[str, ...]
+    events: tuple[str, ...] = ("token_changed",)
+    timeout: float = 30.0
+    pass_token: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     provider: ProviderConfig
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -184,6 +205,8 @@ class AgentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sinks: tuple[SinkConfig, ...] = ()
+    hooks: tuple[HookConfig, ...] = ()
     source: Path | None = None
 
 
@@ -642,6 +665,54 @@ _LOGGING = _Section(LoggingConfig, {
     "level": _choice(LOG_LEVELS, fold_case=True),
 })
 
+def _string_or_empty(value: object, key: str, ctx: _Context) -> str:
+    if not isinstance(value, str):
+        raise _type_error(key, "text", value)
+    return value.strip()
+
+
+def _argv(value: object, key: str, ctx: _Context) -> tuple[str, ...]:
+    """A command as an argv list: run without a shell, so nothing is re-parsed."""
+    if isinstance(value, str):
+        raise _type_error(key, "a list of arguments", value,
+                          "; write [/usr/local/bin/tool, --flag] (no shell is used)")
+    argv = _list(_string)(value, key, ctx)
+    assert isinstance(argv, tuple)
+    if not argv:
+        raise ConfigError(key, "must name a program")
+    first = str(argv[0])
+    if not os.path.isabs(first):
+        raise ConfigError(f"{key}[0]", "must be an absolute path (hooks run without a "
+                                       "shell or a search path)")
+    return tuple(str(a) for a in argv)
+
+
+def _check_sink(sink: SinkConfig, key: str) -> SinkConfig:
+    if sink.format != "env" and sink.env_prefix:
+        raise ConfigError(_join(key, "env_prefix"), "only applies to format env")
+    if sink.env_prefix and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sink.env_prefix):
+        raise ConfigError(_join(key, "env_prefix"),
+                          "must be letters, digits and underscores, not starting with a digit")
+    return sink
+
+
+_SINK = _Section(SinkConfig, {
+    "path": _path,
+    "format": _choice(("raw", "json", "env")),
+    "mode": _mode,
+    "owner": _optional(_account),
+    "group": _optional(_account),
+    "on_logout": _choice(("remove", "empty")),
+    "env_prefix": _string_or_empty,
+}, _check_sink)
+
+_HOOK = _Section(HookConfig, {
+    "command": _argv,
+    "events": _list(_choice(("token_changed", "signed_in", "sign_in_needed", "signed_out"))),
+    "timeout": _duration(),
+    "pass_token": _boolean,
+})
+
 _AGENT = _Section(AgentConfig, {
     "provider": _section(_PROVIDER),
     "device": _section(_DEVICE),
@@ -651,6 +722,8 @@ _AGENT = _Section(AgentConfig, {
     "storage": _section(_STORAGE),
     "api": _section(_API),
     "logging": _section(_LOGGING),
+    "sinks": _list(_section(_SINK)),
+    "hooks": _list(_section(_HOOK)),
 }, derived=frozenset({"source"}))
 
 

@@ -132,6 +132,7 @@ class Driver:
         # Set and replaced on every publish: waiters wake without locks or tasks.
         self._changed = asyncio.Event()
         self._listeners: list[Callable[[Snapshot], None]] = []
+        self._token_listeners: list[Callable[[Credentials | None], None]] = []
         self._poll: DevicePoll | None = None
         self._loaded = False
 
@@ -156,6 +157,11 @@ class Driver:
     def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
         """`listener` is called on the loop with every new snapshot; it must not block."""
         self._listeners.append(listener)
+
+    def add_token_listener(self, listener: Callable[[Credentials | None], None]) -> None:
+        """`listener` is called on the loop whenever the access token changes (None: the
+        credentials are gone). By then, the new credentials are on disk."""
+        self._token_listeners.append(listener)
 
     async def wait_for(self, condition: Callable[[Snapshot], bool]) -> Snapshot:
         while not condition(self._snapshot):
@@ -194,17 +200,26 @@ class Driver:
     # -- token validity ----------------------------------------------------------
 
     def _set_credentials(self, creds: Credentials | None, *, from_disk: bool = False) -> None:
+        before = self._credentials
         self._credentials = creds
         self._deadline = None
-        if creds is None or creds.tokens.expires_at is None:
-            return
+        if creds is not None and creds.tokens.expires_at is not None:
+            self._set_deadline(creds.tokens.expires_at, creds.tokens.issued_at, from_disk)
+        if (before and before.tokens.access_token) != (creds and creds.tokens.access_token):
+            for listener in self._token_listeners:
+                try:
+                    listener(creds)
+                except Exception:
+                    log.exception("a token listener failed")
+
+    def _set_deadline(self, expires_at: float, issued_at: float, from_disk: bool) -> None:
         mono, wall = self._clock.monotonic(), self._clock.time()
         self._wall_offset = wall - mono
         self._deadline_from_wall = from_disk
         if from_disk:
-            self._deadline = mono + (creds.tokens.expires_at - wall)
+            self._deadline = mono + (expires_at - wall)
         else:
-            self._deadline = mono + (creds.tokens.expires_at - creds.tokens.issued_at)
+            self._deadline = mono + (expires_at - issued_at)
 
     def _check_clock_jump(self) -> None:
         """A Pi boots with a stale wall clock and NTP moves it later. A token read from

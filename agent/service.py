@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable
 
 from agent.clock import Clock, SystemClock
 from agent.config import AgentConfig
+from agent.consumers import Consumers, hooks_from_config, token_files_from_config
 from agent.display import Display
 from agent.driver import Driver, DriverSettings
+from agent.hooks import HookRunner
 from agent.oauth import Client, Endpoints
 from agent.state import Phase, Snapshot, summary
 from agent.store import CredentialStore
@@ -125,6 +127,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
                           max_response_bytes=config.provider.max_response_bytes,
                           ca_file=config.provider.ca_file)
     driver = Driver(driver_settings(config), sender=transport, store=store, clock=clock)
+    consumers = Consumers(driver, token_files_from_config(config.sinks),
+                          HookRunner(hooks_from_config(config.hooks)))
     try:
         def on_change(snapshot: Snapshot) -> None:
             notifier.status(summary(snapshot, now_wall=clock.time()))
@@ -167,6 +171,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await consumers.aclose()
         if api is not None:
             await api.close()
         await transport.close()

@@ -1,0 +1,138 @@
+"""Keeps token files and hooks in step with the driver.
+
+Token files are written in a worker thread (an fsync on an SD card can take a while),
+one write at a time and always with the latest credentials, so a burst of changes
+ends with the newest token on disk. Hooks run beside the loop, never in its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import pwd
+from collections.abc import Sequence
+
+from agent.config import HookConfig, SinkConfig
+from agent.driver import Driver
+from agent.errors import ConfigError
+from agent.hooks import Hook, HookRunner
+from agent.sinks import TokenFile
+from agent.state import Phase, Snapshot
+from agent.store import Credentials
+
+__all__ = ["Consumers", "hooks_from_config", "token_files_from_config"]
+
+log = logging.getLogger(__name__)
+
+
+def _uid(name: str | None, key: str) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ConfigError(key, f"no user named {name!r} on this system") from None
+
+
+def _gid(name: str | None, key: str) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(key, f"no group named {name!r} on this system") from None
+
+
+def token_files_from_config(sinks: Sequence[SinkConfig]) -> list[TokenFile]:
+    return [TokenFile(path=sink.path, format=sink.format, mode=sink.mode,
+                      uid=_uid(sink.owner, f"sinks[{i}].owner"),
+                      gid=_gid(sink.group, f"sinks[{i}].group"),
+                      on_logout=sink.on_logout, env_prefix=sink.env_prefix)
+            for i, sink in enumerate(sinks)]
+
+
+def hooks_from_config(hooks: Sequence[HookConfig]) -> tuple[Hook, ...]:
+    return tuple(Hook(command=h.command, events=frozenset(h.events), timeout=h.timeout,
+                      pass_token=h.pass_token) for h in hooks)
+
+
+class Consumers:
+    def __init__(self, driver: Driver, files: Sequence[TokenFile], hooks: HookRunner) -> None:
+        self._driver = driver
+        self._files = list(files)
+        self._hooks = hooks
+        self._latest: Credentials | None = None
+        self._dirty = False
+        self._writer: asyncio.Task[None] | None = None
+        self._phase: Phase | None = None
+        driver.add_token_listener(self._on_token)
+        driver.add_listener(self._on_snapshot)
+
+    def _on_token(self, creds: Credentials | None) -> None:
+        self._latest = creds
+        self._dirty = True
+        if self._files and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.get_running_loop().create_task(self._write_files())
+        env = self._env(self._driver.snapshot)
+        if creds is None:
+            self._hooks.fire("signed_out", env)
+        else:
+            self._hooks.fire("token_changed", env, token=creds.tokens.access_token)
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        previous, self._phase = self._phase, snapshot.phase
+        if snapshot.phase == previous:
+            return
+        creds = self._driver.credentials
+        token = creds.tokens.access_token if creds else None
+        if snapshot.phase == Phase.SIGNED_IN and previous != Phase.REFRESH_FAILING:
+            self._hooks.fire("signed_in", self._env(snapshot), token=token)
+        elif snapshot.phase == Phase.AWAITING_USER:
+            self._hooks.fire("sign_in_needed", self._env(snapshot))
+
+    def _env(self, snapshot: Snapshot) -> dict[str, str]:
+        env = {"DEVICE_AGENT_STATE": snapshot.phase.value}
+        if snapshot.user:
+            env["DEVICE_AGENT_USER"] = snapshot.user
+        left = self._driver.remaining()
+        if left is not None and self._driver.credentials is not None:
+            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(self._driver.clock.time() + left))
+        if snapshot.phase == Phase.AWAITING_USER and snapshot.user_code:
+            env["DEVICE_AGENT_USER_CODE"] = snapshot.user_code
+            env["DEVICE_AGENT_VERIFICATION_URI"] = snapshot.verification_uri or ""
+            if snapshot.verification_uri_complete:
+                env["DEVICE_AGENT_VERIFICATION_URI_COMPLETE"] = (
+                    snapshot.verification_uri_complete)
+        return env
+
+    async def _write_files(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            creds = self._latest
+            left = self._driver.remaining()
+            expires_at = None if left is None else self._driver.clock.time() + left
+            await asyncio.to_thread(self._write_all, creds, expires_at)
+
+    def _write_all(self, creds: Credentials | None, expires_at: float | None) -> None:
+        for file in self._files:
+            try:
+                if creds is None:
+                    file.clear()
+                else:
+                    file.write(creds.tokens, expires_at=expires_at)
+            except (OSError, ValueError) as exc:
+                log.error("token file %s: %s", file.path, exc)
+
+    async def flush(self) -> None:
+        """Wait until the files hold the latest credentials."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        await self._hooks.aclose()
