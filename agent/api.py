@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -48,6 +49,9 @@ class Caller:
     uid: int
     gid: int
     pid: int
+    # The peer's supplementary groups as the kernel saw them at connect (SO_PEERGROUPS);
+    # None where that is unavailable, and the user database is asked instead.
+    groups: frozenset[int] | None = None
 
     @property
     def executable(self) -> str:
@@ -74,8 +78,10 @@ class AccessPolicy:
             return True
         if caller.uid in self._uids[right]:
             return True
-        groups = {caller.gid, *_supplementary_groups(caller.uid)}
-        return bool(groups & self._gids[right])
+        groups = caller.groups
+        if groups is None:
+            groups = frozenset(_supplementary_groups(caller.uid))
+        return bool(({caller.gid} | groups) & self._gids[right])
 
 
 def _uids(names: Iterable[str]) -> set[int]:
@@ -113,7 +119,26 @@ def peer_credentials(request: web.Request) -> Caller | None:
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Caller(uid=uid, gid=gid, pid=pid)
+    return Caller(uid=uid, gid=gid, pid=pid, groups=_peer_groups(sock))
+
+
+# Linux 4.13+; Python does not name it. The groups a process really has (systemd's
+# SupplementaryGroups=, setgroups) rather than what /etc/group says about its user.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    size = 4 * 64
+    for _ in range(3):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                size *= 8
+                continue
+            return None
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return None
 
 
 def rfc3339(when: float) -> str:

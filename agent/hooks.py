@@ -42,8 +42,9 @@ class Hook:
 
 
 class HookRunner:
-    """Runs each hook at most once at a time; events that arrive while it runs are
-    folded into one more run with the latest environment."""
+    """Runs each hook at most once at a time. Events that arrive while it runs wait
+    their turn; repeats of one event fold into a single run with the latest
+    environment, so a burst of refreshes does not queue a burst of runs."""
 
     def __init__(self, hooks: tuple[Hook, ...], *,
                  base_env: Mapping[str, str] | None = None) -> None:
@@ -53,7 +54,8 @@ class HookRunner:
             env.pop(key, None)
         self._base_env = env
         self._running: dict[int, asyncio.Task[None]] = {}
-        self._queued: dict[int, tuple[str, dict[str, str]]] = {}
+        # Per hook: the events that came while it ran, each with its latest environment.
+        self._queued: dict[int, dict[str, dict[str, str]]] = {}
         self.results: list[tuple[str, str, int | None]] = []  # (hook, event, exit status)
 
     def fire(self, event: str, env: Mapping[str, str], *, token: str | None = None) -> None:
@@ -64,7 +66,9 @@ class HookRunner:
             if hook.pass_token and token is not None:
                 full["ACCESS_TOKEN"] = token
             if index in self._running:
-                self._queued[index] = (event, full)
+                queue = self._queued.setdefault(index, {})
+                queue.pop(event, None)  # keeps the order of the latest arrivals
+                queue[event] = full
                 continue
             self._start(index, event, full)
 
@@ -74,9 +78,10 @@ class HookRunner:
 
         def done(_: asyncio.Task[None]) -> None:
             del self._running[index]
-            queued = self._queued.pop(index, None)
-            if queued is not None:
-                self._start(index, *queued)
+            queue = self._queued.get(index)
+            if queue:
+                event = next(iter(queue))
+                self._start(index, event, queue.pop(event))
 
         task.add_done_callback(done)
 
