@@ -130,7 +130,7 @@ async def test_min_ttl_fifty_callers_share_one_refresh(
     assert len(tokens) == 1 and first["access_token"] not in tokens
     assert refreshes(provider) == 1
     # A modest min_ttl is served from what is there, with no refresh.
-    status, body, _ = await api.call("GET", "/v1/token?min_ttl=60")
+    status, _, _ = await api.call("GET", "/v1/token?min_ttl=60")
     assert status == 200 and refreshes(provider) == 1
 
 
@@ -246,7 +246,8 @@ CLIENT = r"""
 import json, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect(sys.argv[1])
-sock.sendall(f"{sys.argv[2]} {sys.argv[3]} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+request = f"{sys.argv[2]} {sys.argv[3]} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+sock.sendall(request.encode())
 data = b""
 while chunk := sock.recv(65536):
     data += chunk
