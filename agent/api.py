@@ -12,6 +12,7 @@ CODE and the status that fits it (DESIGN.md §3).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import grp
@@ -180,9 +181,20 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         return {"expires_in": max(0, int(expires_in)),
                 "expires_at": rfc3339(wall_clock() + expires_in)}
 
+    # A service that asks every second would fill the journal: each (process, token)
+    # pair is logged at info once, and at debug after that.
+    reported: collections.OrderedDict[tuple[int, int, str], None] = collections.OrderedDict()
+
     def handed_out(caller: Caller, what: str, token: str) -> None:
-        log.info("api: %s %s to uid %d pid %d (%s)", what, fingerprint(token), caller.uid,
-                 caller.pid, caller.executable)
+        tag = fingerprint(token)
+        key = (caller.uid, caller.pid, tag)
+        level = logging.DEBUG if key in reported else logging.INFO
+        reported[key] = None
+        reported.move_to_end(key)
+        if len(reported) > 256:
+            reported.popitem(last=False)
+        log.log(level, "api: %s %s to uid %d pid %d (%s)", what, tag, caller.uid, caller.pid,
+                caller.executable)
 
     def not_signed_in(message: str | None = None) -> web.Response:
         snapshot = driver.snapshot
