@@ -109,8 +109,8 @@ async def start_driver(provider: IdentityProvider, store: CredentialStore,
     running: list[Running] = []
 
     async def start(*, store_override: CredentialStore | None = None,
-                    **overrides: Any) -> Running:
-        driver = Driver(settings_for(provider, **overrides), sender=transport,
+                    sender: Transport | None = None, **overrides: Any) -> Running:
+        driver = Driver(settings_for(provider, **overrides), sender=sender or transport,
                         store=store_override or store, clock=clock, rng=random.Random(1))
         runner = Running(driver, clock)
         running.append(runner)

@@ -183,3 +183,27 @@ async def test_check_provider_wrong_issuer_explains(
     out = capsys.readouterr().out
     assert status == EX_CONFIG
     assert "application/o/SLUG/" in out
+
+
+async def test_login_refresh_logout_commands(
+        agent: Agent, idp: IdentityProvider, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert agent.driver is not None
+    snapshot = await asyncio.wait_for(
+        agent.driver.wait_for(lambda s: s.phase == Phase.AWAITING_USER), 5)
+    status, _, err = await agent.cli("refresh", capsys=capsys)
+    assert status == EX_TEMPFAIL and "sign-in is in progress" in err
+    idp.approve(snapshot.user_code)
+    await asyncio.wait_for(agent.driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN), 10)
+    status, out, _ = await agent.cli("refresh", capsys=capsys)
+    assert status == EX_OK and "refreshed" in out
+    status, out, _ = await agent.cli("logout", capsys=capsys)
+    assert status == EX_OK and "signed out" in out
+    status, out, _ = await agent.cli("login", capsys=capsys)
+    assert status == EX_OK and "new code" in out
+    # The socket can also come from the environment alone.
+    from agent.config import load_config
+
+    monkeypatch.setenv("DEVICE_AGENT_SOCKET", str(load_config(agent.config_path).api.socket))
+    status = await asyncio.to_thread(main, ["status"])
+    assert status == EX_OK

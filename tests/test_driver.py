@@ -351,3 +351,52 @@ async def test_secrets_never_reach_the_log(
     text = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     for secret in secrets:
         assert secret and secret not in text
+
+
+async def test_slow_answers_time_out_and_polling_backs_off(
+        start_driver: StartDriver, provider: IdentityProvider) -> None:
+    from agent.idp import Delay
+    from agent.transport import Transport
+
+    async with Transport(timeout=0.1) as impatient:
+        run = await start_driver(sender=impatient)
+        shown = await run.until_phase(Phase.AWAITING_USER)
+        provider.script("token", Delay(0.4))
+        await run.clock.run_until(lambda: len(polls(provider)) >= 2)
+        await asyncio.sleep(0.4)  # let the slow answer finish on the provider's side
+        await run.clock.run_until(lambda: len(polls(provider)) >= 3)
+        times = polls(provider)
+        assert times[2] - times[1] >= 10  # the interval doubled after the timeout
+        provider.approve(shown.user_code)
+        await run.until_phase(Phase.SIGNED_IN)
+        await run.stop()
+
+
+async def test_confidential_client_signs_in_refreshes_and_revokes(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    from agent.oauth import Client
+
+    provider_settings.client_secret = "kiosk-secret"
+    run = await start_driver(client=Client(client_id="device-agent",
+                                           client_secret="kiosk-secret"))
+    await sign_in(run, provider)
+    old = await run.driver.get_token()
+    new = await run.driver.refresh()
+    assert new.access_token != old.access_token
+    assert await run.driver.logout() == []
+    assert not provider.refresh_token_valid(new.refresh_token or "")
+
+
+async def test_wrong_client_secret_is_a_config_error_not_a_loop(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    from agent.oauth import Client
+
+    provider_settings.client_secret = "right"
+    run = await start_driver(client=Client(client_id="device-agent", client_secret="wrong"))
+    await run.until_phase(Phase.AWAITING_USER)
+    provider.approve()
+    failed = await run.until_phase(Phase.CONFIG_ERROR)
+    assert "invalid_client" in (failed.last_error or "")
+    assert "wrong" not in (failed.last_error or "")
