@@ -471,6 +471,13 @@ class Driver:
                     phase_while_paused = Phase.CODE_EXPIRED
             outcome = await self._poll_code(DevicePoll(
                 authorization, client=self.settings.client, token_endpoint=endpoints.token))
+            if isinstance(outcome, Denied | Expired) and self._valid():
+                # A new sign-in asked for while signed in, and nobody completed it:
+                # the current sign-in stays, rather than a device stuck showing codes
+                # while its token runs out unrefreshed.
+                log.info("the new sign-in was not completed; keeping the current one")
+                self._publish(Phase.SIGNED_IN)
+                return
             match outcome:
                 case Approved(tokens=tokens):
                     await self._signed_in(tokens, endpoints)

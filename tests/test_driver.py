@@ -400,3 +400,20 @@ async def test_wrong_client_secret_is_a_config_error_not_a_loop(
     failed = await run.until_phase(Phase.CONFIG_ERROR)
     assert "invalid_client" in (failed.last_error or "")
     assert "wrong" not in (failed.last_error or "")
+
+
+async def test_unfinished_new_sign_in_keeps_the_current_one(
+        start_driver: StartDriver, provider: IdentityProvider) -> None:
+    run = await start_driver()
+    await sign_in(run, provider)
+    token = (await run.driver.get_token()).access_token
+    run.driver.request_login(new_sign_in=True)
+    shown = await run.until_phase(Phase.AWAITING_USER)
+    assert shown.user == "Alice Example"  # still signed in meanwhile
+    assert (await run.driver.get_token()).access_token == token
+    await run.until_phase(Phase.SIGNED_IN)  # the code expired unused
+    assert (await run.driver.get_token()).access_token == token
+    # A short press while signed in does nothing; only a new sign-in starts over.
+    run.driver.request_login()
+    await asyncio.sleep(0.02)
+    assert run.driver.snapshot.phase == Phase.SIGNED_IN
