@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import grp
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.accounts import group_id, user_id
 from agent.driver import Driver, ProviderUnavailable
 from agent.errors import AgentError, NotSignedIn
 from agent.logs import fingerprint
@@ -69,10 +69,11 @@ class AccessPolicy:
     def __init__(self, *, read_users: Iterable[str] = (), read_groups: Iterable[str] = (),
                  admin_users: Iterable[str] = (), admin_groups: Iterable[str] = ()) -> None:
         self._own_uid = os.getuid()
-        admin_uids = _uids(admin_users)
-        admin_gids = _gids(admin_groups)
-        self._uids = {ADMIN: admin_uids, READ: _uids(read_users) | admin_uids}
-        self._gids = {ADMIN: admin_gids, READ: _gids(read_groups) | admin_gids}
+        admin_uids = _ids(admin_users, user_id, "user")
+        admin_gids = _ids(admin_groups, group_id, "group")
+        self._uids = {ADMIN: admin_uids, READ: _ids(read_users, user_id, "user") | admin_uids}
+        self._gids = {ADMIN: admin_gids,
+                      READ: _ids(read_groups, group_id, "group") | admin_gids}
 
     def allows(self, caller: Caller, right: str) -> bool:
         if caller.uid in (0, self._own_uid):
@@ -85,23 +86,13 @@ class AccessPolicy:
         return bool(({caller.gid} | groups) & self._gids[right])
 
 
-def _uids(names: Iterable[str]) -> set[int]:
+def _ids(names: Iterable[str], lookup: Callable[[str], int], kind: str) -> set[int]:
     found = set()
     for name in names:
         try:
-            found.add(int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid)
+            found.add(lookup(name))
         except KeyError:
-            log.warning("api: no user named %r; ignored", name)
-    return found
-
-
-def _gids(names: Iterable[str]) -> set[int]:
-    found = set()
-    for name in names:
-        try:
-            found.add(int(name) if name.isdigit() else grp.getgrnam(name).gr_gid)
-        except KeyError:
-            log.warning("api: no group named %r; ignored", name)
+            log.warning("api: no %s named %r; ignored", kind, name)
     return found
 
 

@@ -8,11 +8,10 @@ ends with the newest token on disk. Hooks run beside the loop, never in its way.
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
-import pwd
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from agent.accounts import group_id, user_id
 from agent.config import HookConfig, SinkConfig
 from agent.driver import Driver
 from agent.errors import ConfigError
@@ -26,32 +25,19 @@ __all__ = ["Consumers", "hooks_from_config", "token_files_from_config"]
 log = logging.getLogger(__name__)
 
 
-def _uid(name: str | None, key: str) -> int | None:
+def _resolve(name: str | None, lookup: Callable[[str], int], key: str, kind: str) -> int | None:
     if name is None:
         return None
-    if name.isdigit():
-        return int(name)
     try:
-        return pwd.getpwnam(name).pw_uid
+        return lookup(name)
     except KeyError:
-        raise ConfigError(key, f"no user named {name!r} on this system") from None
-
-
-def _gid(name: str | None, key: str) -> int | None:
-    if name is None:
-        return None
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ConfigError(key, f"no group named {name!r} on this system") from None
+        raise ConfigError(key, f"no {kind} named {name!r} on this system") from None
 
 
 def token_files_from_config(sinks: Sequence[SinkConfig]) -> list[TokenFile]:
     return [TokenFile(path=sink.path, format=sink.format, mode=sink.mode,
-                      uid=_uid(sink.owner, f"sinks[{i}].owner"),
-                      gid=_gid(sink.group, f"sinks[{i}].group"),
+                      uid=_resolve(sink.owner, user_id, f"sinks[{i}].owner", "user"),
+                      gid=_resolve(sink.group, group_id, f"sinks[{i}].group", "group"),
                       on_logout=sink.on_logout, env_prefix=sink.env_prefix)
             for i, sink in enumerate(sinks)]
 
