@@ -370,7 +370,9 @@ class ApiServer:
             # Bound under the daemon's umask (0077 under systemd: owner only), then
             # opened to the group: it never starts out wider than configured.
             os.chmod(self.path, self._mode)
-        log.info("api listening on %s", self.path)
+        where = self._sock.getsockname() if self._sock is not None else self.path
+        log.info("api listening on %s%s", where,
+                 " (socket from systemd)" if self._sock is not None else "")
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="skip the device authorization request (it counts against "
                           "authentik's 20 requests an hour)")
     provider.set_defaults(func=cmd_check_provider)
+
+    from agent.install import register as register_install
+
+    register_install(sub)
     return parser
 
 

@@ -1,0 +1,585 @@
+"""`device-agent install-service` and `uninstall-service`: the systemd units, the system
+user and a first config file, put in place the same way every time.
+
+Installing writes three files from the package data (`agent/data/`, the same files as
+`systemd/` in the source tree) and never edits anything else:
+
+- ``/etc/systemd/system/device-agent.service``, its ``ExecStart=`` naming the
+  device-agent program that is running this command (or ``--prefix``/bin/device-agent);
+- ``/etc/systemd/system/device-agent.socket``, for socket activation (left disabled);
+- ``/etc/sysusers.d/device-agent.conf``, then `systemd-sysusers` creates the user;
+
+and ``/etc/device-agent/config.yaml`` from ``config.example.yaml`` when there is none (an
+existing config is never touched). Raspberry Pi boot settings are read, not edited: a
+hint says how to turn I2C or SPI on when they are off.
+
+Every step prints what it did, or with ``--dry-run`` what it would do; a second run finds
+everything in place and says so. With ``--root DIR`` the files go under DIR (an image
+being built) and no command runs, since DIR is not the running system. Commands go
+through an injectable runner, so tests record them instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import importlib.resources
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Final, TextIO
+
+from agent.fsutil import remove_durably, write_atomic
+
+__all__ = [
+    "CONFIG_PATH",
+    "DEVICE_GROUPS",
+    "SERVICE_UNIT",
+    "SOCKET_UNIT",
+    "SYSTEM_USER",
+    "Runner",
+    "find_program",
+    "install_service",
+    "packaged_file",
+    "register",
+    "render_service",
+    "run_command",
+    "uninstall_service",
+]
+
+SERVICE_UNIT: Final = "device-agent.service"
+SOCKET_UNIT: Final = "device-agent.socket"
+SYSTEM_USER: Final = "device-agent"
+# The groups the service joins (SupplementaryGroups=), as the sysusers.d file lists them.
+DEVICE_GROUPS: Final = ("i2c", "spi", "gpio", "dialout", "video")
+CONFIG_PATH: Final = PurePosixPath("/etc/device-agent/config.yaml")
+
+_UNIT_DIR: Final = PurePosixPath("/etc/systemd/system")
+_SYSUSERS_FILE: Final = PurePosixPath("/etc/sysusers.d/device-agent.conf")
+_STATE_DIR: Final = PurePosixPath("/var/lib/device-agent")
+_RUNTIME_DIR: Final = PurePosixPath("/run/device-agent")
+_BOOT_CONFIGS: Final = (PurePosixPath("/boot/firmware/config.txt"),  # bookworm and later
+                        PurePosixPath("/boot/config.txt"))
+_PROGRAM_NAME: Final = "device-agent"
+
+# sysexits(3), as the rest of the CLI uses them.
+_EX_OK: Final = 0
+_EX_USAGE: Final = 2
+_EX_SOFTWARE: Final = 70
+_EX_NOPERM: Final = 77
+
+# What may stand unquoted in ExecStart=: anything else would need systemd's quoting
+# and escaping ("%" starts a specifier, "$" a variable), which a path should not need.
+_PLAIN_PATH: Final = re.compile(r"/[A-Za-z0-9._+@/-]+")
+# ProtectHome=yes hides these from the service, so a program installed there never runs.
+_HIDDEN_BY_PROTECT_HOME: Final = ("/home/", "/root/", "/run/user/")
+
+Runner = Callable[[Sequence[str]], int]
+"""Runs a command (an argv list, no shell) and returns its exit status."""
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """The real runner: the command's own output goes straight to the terminal."""
+    try:
+        return subprocess.run(list(argv), check=False).returncode
+    except FileNotFoundError:
+        return 127  # what a shell reports for a missing command
+    except OSError:
+        return 126
+
+
+class _Abort(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- what gets written -------------------------------------------------------------------
+
+def packaged_file(name: str) -> bytes:
+    """A file shipped in ``agent/data``: the units, the sysusers.d file, the example config."""
+    return importlib.resources.files("agent").joinpath("data", name).read_bytes()
+
+
+def render_service(template: str, program: str) -> str:
+    """The service unit with ``ExecStart=`` running `program` (its arguments kept).
+
+    Raises ValueError for a program path systemd would read differently.
+    """
+    if not _PLAIN_PATH.fullmatch(program):
+        raise ValueError(f"{program!r} cannot stand in ExecStart= as it is (it needs to "
+                         f"be an absolute path of letters, digits and ._+@/-); install "
+                         f"device-agent elsewhere or give --prefix")
+    lines = template.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.startswith("ExecStart=")]
+    if len(found) != 1:
+        raise ValueError(f"the template has {len(found)} ExecStart= lines, not one")
+    _, _, arguments = lines[found[0]].partition(" ")
+    lines[found[0]] = f"ExecStart={program} {arguments}"
+    return "".join(lines)
+
+
+def find_program(prefix: Path | None = None) -> Path:
+    """The device-agent console script the unit should run.
+
+    With `prefix`, PREFIX/bin/device-agent as given (it may belong to another root).
+    Otherwise the script running this command, else the one beside this Python (a
+    venv), else the one on $PATH; symlinks resolved, so the unit names the real file
+    and a pipx-style link into a home directory shows up as such.
+
+    Raises ValueError for a relative prefix, FileNotFoundError when nothing is found.
+    """
+    if prefix is not None:
+        if not prefix.is_absolute():
+            raise ValueError(f"--prefix must be an absolute path, not {prefix}")
+        return Path(os.path.normpath(prefix / "bin" / _PROGRAM_NAME))
+    candidates: list[str] = []
+    if sys.argv and Path(sys.argv[0]).name == _PROGRAM_NAME:
+        candidates.append(sys.argv[0])
+    candidates.append(str(Path(sys.executable).parent / _PROGRAM_NAME))
+    on_path = shutil.which(_PROGRAM_NAME)
+    if on_path is not None:
+        candidates.append(on_path)
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return Path(os.path.realpath(candidate))
+    raise FileNotFoundError("cannot find the device-agent program; give --prefix DIR, the "
+                            "prefix it is installed under (DIR/bin/device-agent)")
+
+
+# -- the parts every step shares ---------------------------------------------------------
+
+class _Session:
+    """One run of install or uninstall: where files go, whether commands run, and what
+    has been said and changed so far."""
+
+    def __init__(self, *, root: Path, live: bool, dry_run: bool, runner: Runner,
+                 out: TextIO) -> None:
+        self.root = root
+        self.live = live
+        self.dry_run = dry_run
+        self.runner = runner
+        self.out = out
+        self.changed = False
+
+    def path(self, absolute: PurePosixPath) -> Path:
+        return self.root / absolute.relative_to("/")
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def run(self, argv: Sequence[str], *, required: bool) -> bool:
+        """Run a command on the live system; False when it failed."""
+        shown = shlex.join(argv)
+        if self.dry_run:
+            self.say(f"would run: {shown}")
+            return True
+        status = self.runner(argv)
+        if status == 0:
+            self.say(f"ran: {shown}")
+            self.changed = True
+            return True
+        self.say(f"{'failed' if required else 'warning: failed'} (exit {status}): {shown}")
+        if required:
+            raise _Abort(f"{argv[0]} failed with exit status {status}", _EX_SOFTWARE)
+        return False
+
+    def write(self, absolute: PurePosixPath, data: bytes, *, mode: int) -> bool:
+        """Put `data` at `absolute` with `mode`; True when something had to change."""
+        target = self.path(absolute)
+        try:
+            current = target.read_bytes() if not target.is_symlink() else None
+            current_mode = stat.S_IMODE(target.lstat().st_mode)
+        except FileNotFoundError:
+            current, current_mode = None, None
+        if current == data and current_mode == mode:
+            self.say(f"unchanged {target}")
+            return False
+        if self.dry_run:
+            self.say(f"would write {target} (mode {mode:04o})")
+            return True
+        _make_dirs(target.parent)
+        write_atomic(target, data, mode=mode)
+        self.say(f"wrote {target} (mode {mode:04o})")
+        self.changed = True
+        return True
+
+    def remove(self, absolute: PurePosixPath) -> bool:
+        target = self.path(absolute)
+        if not (target.exists() or target.is_symlink()):
+            self.say(f"already absent {target}")
+            return False
+        if self.dry_run:
+            self.say(f"would remove {target}")
+            return True
+        remove_durably(target)
+        self.say(f"removed {target}")
+        self.changed = True
+        return True
+
+    def remove_tree(self, absolute: PurePosixPath, what: str) -> None:
+        target = self.path(absolute)
+        if not (target.exists() or target.is_symlink()):
+            return
+        if self.dry_run:
+            self.say(f"would remove {target} ({what})")
+            return
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+        self.say(f"removed {target} ({what})")
+        self.changed = True
+
+    def finish(self, unchanged: str) -> None:
+        if self.dry_run:
+            self.say("dry run: nothing was changed")
+        elif not self.changed:
+            self.say(f"nothing changed: {unchanged}")
+
+
+def _make_dirs(directory: Path) -> None:
+    # Created 0755 whatever the umask: systemd and the service must be able to read
+    # unit and config directories, and a root shell's umask may be 0077.
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o755)
+        os.chmod(path, 0o755)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _account_files(root: Path) -> tuple[set[str], dict[str, tuple[int, set[str]]]]:
+    """Users of ROOT/etc/passwd; groups of ROOT/etc/group with gid and members.
+
+    Read from the files, not NSS, because that is what systemd-sysusers writes, and
+    the same code then serves an image under --root.
+    """
+    users = {line.split(":", 1)[0] for line in _read_lines(root / "etc" / "passwd")
+             if ":" in line}
+    groups: dict[str, tuple[int, set[str]]] = {}
+    for line in _read_lines(root / "etc" / "group"):
+        fields = line.split(":")
+        if len(fields) == 4 and fields[2].isdigit():
+            members = {m for m in fields[3].split(",") if m}
+            groups[fields[0]] = (int(fields[2]), members)
+    return users, groups
+
+
+def _missing_accounts(root: Path) -> list[str]:
+    users, groups = _account_files(root)
+    missing = [] if SYSTEM_USER in users else [f"user {SYSTEM_USER}"]
+    if SYSTEM_USER not in groups:
+        missing.append(f"group {SYSTEM_USER}")
+    for name in DEVICE_GROUPS:
+        if name not in groups:
+            missing.append(f"group {name}")
+        elif SYSTEM_USER not in groups[name][1]:
+            missing.append(f"membership of {SYSTEM_USER} in {name}")
+    return missing
+
+
+def _group_id(session: _Session) -> int | None:
+    if session.live:
+        # NSS on the running system: the group may come from somewhere else than
+        # /etc/group, and chown() must use the id the kernel will see.
+        try:
+            return grp.getgrnam(SYSTEM_USER).gr_gid
+        except KeyError:
+            return None
+    entry = _account_files(session.root)[1].get(SYSTEM_USER)
+    return entry[0] if entry is not None else None
+
+
+# -- install -----------------------------------------------------------------------------
+
+def _dtparam_on(text: str, names: Iterable[str]) -> bool:
+    """Whether config.txt leaves a dtparam on: the last assignment wins, a bare name
+    means on (the firmware's reading). Conditional sections are not evaluated."""
+    wanted = set(names)
+    on = False
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("dtparam="):
+            continue
+        for item in line[len("dtparam="):].split(","):
+            name, has_value, value = item.partition("=")
+            if name.strip() in wanted:
+                on = not has_value or value.strip().lower() in ("on", "true", "yes", "1")
+    return on
+
+
+def _check_boot_config(session: _Session) -> None:
+    for absolute in _BOOT_CONFIGS:
+        path = session.path(absolute)
+        if path.is_file():
+            break
+    else:
+        session.say(f"skipped the I2C/SPI check: no {session.path(_BOOT_CONFIGS[0])} "
+                    f"(not Raspberry Pi OS?)")
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for label, names, setting, command in (
+            ("I2C", ("i2c_arm", "i2c"), "dtparam=i2c_arm=on", "do_i2c"),
+            ("SPI", ("spi",), "dtparam=spi=on", "do_spi")):
+        if _dtparam_on(text, names):
+            session.say(f"ok: {label} is on in {path} ({setting})")
+        else:
+            session.say(f"hint: {label} is off in {path}; for an {label} display run "
+                        f"`sudo raspi-config nonint {command} 0` (this command edits no "
+                        f"boot files)")
+
+
+def _install_config(session: _Session) -> None:
+    target = session.path(CONFIG_PATH)
+    if target.exists() or target.is_symlink():
+        session.say(f"kept existing {target}")
+        return
+    data = packaged_file("config.example.yaml")
+    if session.dry_run:
+        session.say(f"would write {target} from config.example.yaml "
+                    f"(mode 0640, owner root:{SYSTEM_USER})")
+        return
+    _make_dirs(target.parent)
+    gid = _group_id(session)
+    # Owner root, group device-agent, 0640: the service reads it and cannot change
+    # it, and nobody else reads a client secret that may be added to it later.
+    owned = False
+    if gid is not None:
+        try:
+            write_atomic(target, data, mode=0o640, uid=0 if os.geteuid() == 0 else None,
+                         gid=gid)
+            owned = True
+        except PermissionError:
+            pass
+    if not owned:
+        write_atomic(target, data, mode=0o640)
+    session.say(f"wrote {target} from config.example.yaml (mode 0640"
+                f"{f', owner root:{SYSTEM_USER}' if owned else ''})")
+    if not owned:
+        session.say(f"hint: give it to the service once group {SYSTEM_USER} exists: "
+                    f"chgrp {SYSTEM_USER} {CONFIG_PATH}")
+    session.changed = True
+
+
+def _warn_about_program(session: _Session, program: Path) -> None:
+    shown = str(program)
+    if shown.startswith(_HIDDEN_BY_PROTECT_HOME):
+        session.say(f"warning: {shown} is under a home directory, which the service cannot "
+                    f"see (ProtectHome=yes); install device-agent into a venv under /opt "
+                    f"(`sudo python3 -m venv /opt/device-agent`, then its bin/pip) and run "
+                    f"that one's install-service")
+    if not session.path(PurePosixPath(shown)).exists():
+        session.say(f"warning: {session.path(PurePosixPath(shown))} does not exist; the "
+                    f"service cannot start until it does (--prefix names where "
+                    f"device-agent is installed)")
+
+
+def install_service(*, root: Path, live: bool, dry_run: bool, program: Path,
+                    runner: Runner = run_command, out: TextIO | None = None) -> int:
+    """Install into `root`; `live` means `root` is the running system, where
+    systemd-sysusers and systemctl are run. Returns an exit status."""
+    session = _Session(root=root, live=live, dry_run=dry_run, runner=runner,
+                       out=sys.stdout if out is None else out)
+    try:
+        return _install(session, program)
+    except _Abort as exc:
+        session.say(f"device-agent: {exc}")
+        return exc.status
+    except ValueError as exc:
+        session.say(f"device-agent: {exc}")
+        return _EX_USAGE
+    except OSError as exc:
+        session.say(f"device-agent: {exc}")
+        return _EX_SOFTWARE
+
+
+def _install(session: _Session, program: Path) -> int:
+    say = session.say
+    if not session.live:
+        say(f"installing into {session.root}: systemd-sysusers and systemctl are left to "
+            f"that system")
+    service = render_service(packaged_file(SERVICE_UNIT).decode("utf-8"), str(program))
+    _warn_about_program(session, program)
+    units_changed = session.write(_UNIT_DIR / SERVICE_UNIT, service.encode("utf-8"),
+                                  mode=0o644)
+    units_changed |= session.write(_UNIT_DIR / SOCKET_UNIT, packaged_file(SOCKET_UNIT),
+                                   mode=0o644)
+    sysusers_changed = session.write(_SYSUSERS_FILE, packaged_file("sysusers.conf"),
+                                     mode=0o644)
+
+    missing = _missing_accounts(session.root)
+    sysusers = ["systemd-sysusers", str(session.path(_SYSUSERS_FILE))]
+    if not (sysusers_changed or missing):
+        say(f"unchanged user {SYSTEM_USER} and its groups")
+    elif session.live:
+        session.run(sysusers, required=True)
+    elif missing:
+        say(f"not there yet: {', '.join(missing)}; `systemd-sysusers --root "
+            f"{session.root}` creates them now, or systemd-sysusers on that system")
+
+    _install_config(session)
+    _check_boot_config(session)
+
+    if units_changed and session.live:
+        session.run(["systemctl", "daemon-reload"], required=True)
+
+    session.finish("everything was already in place")
+    config = CONFIG_PATH
+    say("")
+    say("next steps:")
+    say(f"  1. edit {config}: provider.issuer, provider.client_id, display.type")
+    say(f"  2. check it as the service will read it: "
+        f"sudo -u {SYSTEM_USER} {program} check-config {config}")
+    say(f"  3. start it now and at every boot: sudo systemctl enable --now {SERVICE_UNIT}")
+    say(f"  4. see it: systemctl status {SERVICE_UNIT}; journalctl -u {SERVICE_UNIT} -f")
+    say(f"  optional, socket activation: sudo systemctl enable --now {SOCKET_UNIT}")
+    return _EX_OK
+
+
+# -- uninstall ---------------------------------------------------------------------------
+
+def uninstall_service(*, root: Path, live: bool, dry_run: bool, purge: bool,
+                      runner: Runner = run_command, out: TextIO | None = None) -> int:
+    """Remove what install_service wrote; the config and the credentials only with
+    `purge`. The user stays (see below). Returns an exit status."""
+    session = _Session(root=root, live=live, dry_run=dry_run, runner=runner,
+                       out=sys.stdout if out is None else out)
+    try:
+        _uninstall(session, purge)
+    except OSError as exc:
+        session.say(f"device-agent: {exc}")
+        return _EX_SOFTWARE
+    return _EX_OK
+
+
+def _uninstall(session: _Session, purge: bool) -> None:
+    say = session.say
+    units = [_UNIT_DIR / SOCKET_UNIT, _UNIT_DIR / SERVICE_UNIT]
+    installed = any(session.path(unit).exists() for unit in units)
+    if installed and session.live:
+        # Stopping first: a running agent would otherwise outlive its unit file. A
+        # failure (never enabled, already stopped) must not keep the files in place.
+        session.run(["systemctl", "disable", "--now", SOCKET_UNIT, SERVICE_UNIT],
+                    required=False)
+    removed = [session.remove(unit) for unit in units]
+    session.remove(_SYSUSERS_FILE)
+
+    kept = [(_UNIT_DIR / f"{SERVICE_UNIT}.d", "drop-ins"),
+            (_UNIT_DIR / f"{SOCKET_UNIT}.d", "drop-ins"),
+            (CONFIG_PATH.parent, "config"),
+            (_STATE_DIR, "credentials"),
+            (_RUNTIME_DIR, "runtime directory")]
+    if purge:
+        if session.path(_STATE_DIR).exists():
+            say("note: --purge deletes the tokens without revoking them; `device-agent "
+                "logout` while the agent runs revokes them at the provider")
+        for absolute, what in kept:
+            session.remove_tree(absolute, what)
+    else:
+        present = [f"{session.path(p)} ({what})" for p, what in kept
+                   if what in ("config", "credentials") and session.path(p).exists()]
+        if present:
+            say(f"kept {', '.join(present)}: --purge removes them")
+
+    if any(removed) and session.live:
+        session.run(["systemctl", "daemon-reload"], required=False)
+    # Never deleted, as distributions do with system users: files the user owned
+    # (a restored backup, a token file elsewhere) would pass to whoever got the id next.
+    _, groups = _account_files(session.root)
+    if SYSTEM_USER in groups:
+        say(f"kept user and group {SYSTEM_USER} (system users are not deleted)")
+    session.finish("nothing was installed")
+
+
+# -- the command line --------------------------------------------------------------------
+
+def _root(value: str | None) -> tuple[Path, bool]:
+    if value is None:
+        return Path("/"), True
+    root = Path(value).absolute()
+    if not root.is_dir():
+        raise _Abort(f"--root {value}: not a directory", _EX_USAGE)
+    return root, os.path.realpath(root) == "/"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *,
+             runner: Runner = run_command,
+             geteuid: Callable[[], int] = os.geteuid) -> None:
+    """Add ``install-service`` and ``uninstall-service`` to the CLI's subcommands.
+
+    `runner` and `geteuid` are there for tests: commands recorded instead of run, and
+    the root check exercised without being root.
+    """
+
+    def prepare(args: argparse.Namespace, command: str) -> tuple[Path, bool]:
+        root, live = _root(args.root)
+        if live and not args.dry_run and geteuid() != 0:
+            raise _Abort(f"{command} changes the system and must run as root "
+                         f"(sudo device-agent {command}); --dry-run shows what it would "
+                         f"do, --root DIR writes into DIR instead", _EX_NOPERM)
+        return root, live
+
+    def install(args: argparse.Namespace) -> int:
+        try:
+            root, live = prepare(args, "install-service")
+            program = find_program(Path(args.prefix) if args.prefix else None)
+        except _Abort as exc:
+            print(f"device-agent: {exc}", file=sys.stderr)
+            return exc.status
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"device-agent: {exc}", file=sys.stderr)
+            return _EX_USAGE
+        return install_service(root=root, live=live, dry_run=args.dry_run, program=program,
+                               runner=runner)
+
+    def uninstall(args: argparse.Namespace) -> int:
+        try:
+            root, live = prepare(args, "uninstall-service")
+        except _Abort as exc:
+            print(f"device-agent: {exc}", file=sys.stderr)
+            return exc.status
+        return uninstall_service(root=root, live=live, dry_run=args.dry_run,
+                                 purge=args.purge, runner=runner)
+
+    parser = subparsers.add_parser(
+        "install-service", help="install the systemd service, its user and a config",
+        description="Write the systemd units and the sysusers.d file, create the "
+                    "device-agent user, and put a config at /etc/device-agent/config.yaml "
+                    "unless there is one. Safe to run again.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be done, change nothing")
+    parser.add_argument("--root", metavar="DIR",
+                        help="install into DIR (an image) instead of this system; "
+                             "runs no commands")
+    parser.add_argument("--prefix", metavar="DIR",
+                        help="device-agent is installed under DIR (ExecStart= "
+                             "DIR/bin/device-agent); default: the program running now")
+    parser.set_defaults(func=install)
+
+    parser = subparsers.add_parser(
+        "uninstall-service", help="remove the systemd service (keeps config and credentials)",
+        description="Stop and disable the service and remove its unit and sysusers.d files. "
+                    "/etc/device-agent and /var/lib/device-agent stay unless --purge.")
+    parser.add_argument("--purge", action="store_true",
+                        help="also remove /etc/device-agent, /var/lib/device-agent and "
+                             "drop-ins")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be done, change nothing")
+    parser.add_argument("--root", metavar="DIR",
+                        help="uninstall from DIR (an image) instead of this system")
+    parser.set_defaults(func=uninstall)

@@ -1,0 +1,449 @@
+"""install-service / uninstall-service into a temp root, with commands recorded instead of
+run; and the shipped units checked by systemd's own tools."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from agent.install import (
+    DEVICE_GROUPS,
+    SYSTEM_USER,
+    find_program,
+    install_service,
+    packaged_file,
+    register,
+    render_service,
+    uninstall_service,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {
+    "device-agent.service": ROOT / "systemd" / "device-agent.service",
+    "device-agent.socket": ROOT / "systemd" / "device-agent.socket",
+    "sysusers.conf": ROOT / "systemd" / "sysusers.d" / "device-agent.conf",
+    "config.example.yaml": ROOT / "config.example.yaml",
+}
+PROGRAM = Path("/opt/device-agent/bin/device-agent")
+SERVICE = Path("etc/systemd/system/device-agent.service")
+SOCKET = Path("etc/systemd/system/device-agent.socket")
+SYSUSERS = Path("etc/sysusers.d/device-agent.conf")
+CONFIG = Path("etc/device-agent/config.yaml")
+STATE = Path("var/lib/device-agent")
+
+
+class Recorder:
+    """Stands in for subprocess: records each command, and plays systemd-sysusers' part
+    in the temp root so that a second run sees the accounts it would have created."""
+
+    def __init__(self, root: Path, *, fail: str | None = None) -> None:
+        self.root = root
+        self.fail = fail
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str]) -> int:
+        self.calls.append(list(argv))
+        if argv[0] == self.fail:
+            return 1
+        if argv[0] == "systemd-sysusers":
+            _write_accounts(self.root)
+        return 0
+
+
+def _write_accounts(root: Path) -> None:
+    etc = root / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "passwd").write_text(
+        f"{SYSTEM_USER}:x:990:990::/var/lib/device-agent:/usr/sbin/nologin\n")
+    groups = [f"{SYSTEM_USER}:x:990:"]
+    groups += [f"{name}:x:{900 + i}:{SYSTEM_USER}" for i, name in enumerate(DEVICE_GROUPS)]
+    (etc / "group").write_text("\n".join(groups) + "\n")
+
+
+def _install(root: Path, *, live: bool = False, dry_run: bool = False,
+             runner: Recorder | None = None, program: Path = PROGRAM) -> tuple[int, str]:
+    out = io.StringIO()
+    status = install_service(root=root, live=live, dry_run=dry_run, program=program,
+                             runner=runner or Recorder(root), out=out)
+    return status, out.getvalue()
+
+
+def _uninstall(root: Path, *, purge: bool = False, dry_run: bool = False,
+               runner: Recorder | None = None, live: bool = True) -> tuple[int, str]:
+    out = io.StringIO()
+    status = uninstall_service(root=root, live=live, dry_run=dry_run, purge=purge,
+                               runner=runner or Recorder(root), out=out)
+    return status, out.getvalue()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under `root` with its inode, mode and mtime: a rewrite changes one."""
+    found: dict[str, tuple[int, int, int]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        found[str(path.relative_to(root))] = (st.st_ino, st.st_mode, st.st_mtime_ns)
+    return found
+
+
+# -- the packaged files -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_packaged_files_are_the_shipped_ones(name: str) -> None:
+    # agent/data holds symlinks to these; a checkout without symlink support, or a copy
+    # that drifted, would install something other than what the repository shows.
+    assert packaged_file(name) == SHIPPED[name].read_bytes()
+
+
+def test_render_service_replaces_only_the_program() -> None:
+    template = SHIPPED["device-agent.service"].read_text()
+    rendered = render_service(template, str(PROGRAM))
+    assert re.findall(r"(?m)^ExecStart=.*$", rendered) == [
+        f"ExecStart={PROGRAM} run --config /etc/device-agent/config.yaml"]
+    assert rendered.replace(str(PROGRAM), "/usr/local/bin/device-agent") == template
+
+
+@pytest.mark.parametrize("program", ["/opt/my agent/bin/device-agent",
+                                     "/opt/100%/bin/device-agent", "/opt/$HOME/device-agent",
+                                     "relative/device-agent"])
+def test_a_path_systemd_would_reinterpret_is_refused(tmp_path: Path, program: str) -> None:
+    status, out = _install(tmp_path, program=Path(program))
+    assert status == 2
+    assert "ExecStart=" in out
+    assert not (tmp_path / SERVICE).exists()
+
+
+def test_find_program() -> None:
+    assert find_program(Path("/opt/device-agent")) == PROGRAM
+    assert find_program(Path("/opt/device-agent/")) == PROGRAM
+    with pytest.raises(ValueError, match="absolute"):
+        find_program(Path("opt/device-agent"))
+    found = find_program()
+    assert found.is_absolute() and os.access(found, os.X_OK)
+    assert found == found.resolve()
+
+
+# -- install ------------------------------------------------------------------------------
+
+def test_dry_run_writes_nothing_and_runs_nothing(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    status, out = _install(tmp_path, dry_run=True, live=True, runner=runner)
+    assert status == 0
+    assert list(tmp_path.iterdir()) == []
+    assert runner.calls == []
+    assert f"would write {tmp_path / SERVICE} (mode 0644)" in out
+    assert f"would write {tmp_path / SOCKET} (mode 0644)" in out
+    assert f"would write {tmp_path / SYSUSERS} (mode 0644)" in out
+    assert f"would write {tmp_path / CONFIG} from config.example.yaml" in out
+    assert f"would run: systemd-sysusers {tmp_path / SYSUSERS}" in out
+    assert "would run: systemctl daemon-reload" in out
+    assert "dry run: nothing was changed" in out
+    assert "sudo systemctl enable --now device-agent.service" in out
+
+
+def test_install_into_a_root(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "group").write_text(f"{SYSTEM_USER}:x:990:\n")
+    runner = Recorder(tmp_path)
+    status, out = _install(tmp_path, runner=runner)
+    assert status == 0
+    assert runner.calls == []  # not the running system: no command at all
+
+    service = (tmp_path / SERVICE).read_text()
+    assert service == render_service(SHIPPED["device-agent.service"].read_text(), str(PROGRAM))
+    assert (tmp_path / SOCKET).read_bytes() == SHIPPED["device-agent.socket"].read_bytes()
+    assert (tmp_path / SYSUSERS).read_bytes() == SHIPPED["sysusers.conf"].read_bytes()
+    assert (tmp_path / CONFIG).read_bytes() == SHIPPED["config.example.yaml"].read_bytes()
+    for path, mode in ((SERVICE, 0o644), (SOCKET, 0o644), (SYSUSERS, 0o644),
+                       (CONFIG, 0o640)):
+        assert _mode(tmp_path / path) == mode, path
+    for directory in (SERVICE.parent, SYSUSERS.parent, CONFIG.parent):
+        assert _mode(tmp_path / directory) == 0o755, directory
+    if os.geteuid() == 0:
+        # Group from the target's /etc/group, not from this machine's.
+        assert (tmp_path / CONFIG).stat().st_gid == 990
+        assert (tmp_path / CONFIG).stat().st_uid == 0
+        assert f"wrote {tmp_path / CONFIG} from config.example.yaml (mode 0640, owner " \
+               f"root:{SYSTEM_USER})" in out
+    assert f"wrote {tmp_path / SERVICE} (mode 0644)" in out
+    assert f"`systemd-sysusers --root {tmp_path}`" in out
+    assert "warning:" in out  # PROGRAM does not exist inside the temp root
+
+
+def test_second_run_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    assert _install(tmp_path, live=True, runner=runner)[0] == 0
+    assert runner.calls == [["systemd-sysusers", str(tmp_path / SYSUSERS)],
+                            ["systemctl", "daemon-reload"]]
+    before = _snapshot(tmp_path)
+
+    runner.calls.clear()
+    status, out = _install(tmp_path, live=True, runner=runner)
+    assert status == 0
+    assert runner.calls == []
+    assert _snapshot(tmp_path) == before
+    assert "wrote" not in out and "would" not in out
+    assert f"unchanged {tmp_path / SERVICE}" in out
+    assert f"unchanged user {SYSTEM_USER} and its groups" in out
+    assert f"kept existing {tmp_path / CONFIG}" in out
+    assert "nothing changed: everything was already in place" in out
+
+
+def test_a_changed_unit_is_rewritten_and_reloaded(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    _install(tmp_path, live=True, runner=runner)
+    (tmp_path / SERVICE).write_text("[Service]\nExecStart=/bin/false\n")
+    (tmp_path / SOCKET).chmod(0o600)
+    runner.calls.clear()
+    status, out = _install(tmp_path, live=True, runner=runner)
+    assert status == 0
+    assert runner.calls == [["systemctl", "daemon-reload"]]
+    assert _mode(tmp_path / SOCKET) == 0o644
+    assert "ExecStart=/bin/false" not in (tmp_path / SERVICE).read_text()
+    assert "nothing changed" not in out
+
+
+def test_an_existing_config_is_never_overwritten(tmp_path: Path) -> None:
+    config = tmp_path / CONFIG
+    config.parent.mkdir(parents=True)
+    config.write_text("provider: {issuer: https://id.example/, client_id: mine}\n")
+    config.chmod(0o600)
+    status, out = _install(tmp_path)
+    assert status == 0
+    assert config.read_text() == "provider: {issuer: https://id.example/, client_id: mine}\n"
+    assert _mode(config) == 0o600
+    assert f"kept existing {config}" in out
+
+
+def test_a_failed_command_stops_the_install(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path, fail="systemd-sysusers")
+    status, out = _install(tmp_path, live=True, runner=runner)
+    assert status == 70
+    assert f"failed (exit 1): systemd-sysusers {tmp_path / SYSUSERS}" in out
+    assert runner.calls == [["systemd-sysusers", str(tmp_path / SYSUSERS)]]
+    assert not (tmp_path / CONFIG).exists()  # its group does not exist
+
+
+def test_a_program_in_a_home_directory_is_flagged(tmp_path: Path) -> None:
+    status, out = _install(tmp_path, program=Path("/home/pi/.local/bin/device-agent"))
+    assert status == 0
+    assert "ProtectHome=yes" in out
+
+
+@pytest.mark.parametrize(("text", "i2c", "spi"), [
+    ("dtparam=i2c_arm=on\ndtparam=spi=on\n", True, True),
+    ("dtparam=audio=on\n#dtparam=i2c_arm=on\n#dtparam=spi=on\n", False, False),
+    ("dtparam=i2c_arm=on,spi=on\n", True, True),
+    ("dtparam=i2c=on\ndtparam=spi\n", True, True),
+    ("dtparam=i2c_arm=on\n[pi4]\ndtparam=i2c_arm=off\n", False, False),
+    ("dtparam=spi=on  # the panel\n", False, True),
+])
+def test_boot_config_is_read_for_hints_and_left_alone(tmp_path: Path, text: str, i2c: bool,
+                                                      spi: bool) -> None:
+    boot = tmp_path / "boot" / "firmware" / "config.txt"
+    boot.parent.mkdir(parents=True)
+    boot.write_text(text)
+    status, out = _install(tmp_path)
+    assert status == 0
+    assert boot.read_text() == text
+    assert (f"ok: I2C is on in {boot}" in out) is i2c
+    assert ("sudo raspi-config nonint do_i2c 0" in out) is not i2c
+    assert (f"ok: SPI is on in {boot}" in out) is spi
+    assert ("sudo raspi-config nonint do_spi 0" in out) is not spi
+
+
+def test_boot_config_before_bookworm_and_none_at_all(tmp_path: Path) -> None:
+    _, out = _install(tmp_path)
+    assert "skipped the I2C/SPI check" in out
+    old = tmp_path / "boot" / "config.txt"
+    old.parent.mkdir()
+    old.write_text("dtparam=i2c_arm=on\n")
+    _, out = _install(tmp_path)
+    assert f"ok: I2C is on in {old}" in out
+
+
+# -- uninstall ----------------------------------------------------------------------------
+
+def test_uninstall_keeps_config_and_credentials_unless_purged(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    _install(tmp_path, live=True, runner=runner)
+    credentials = tmp_path / STATE / "credentials.json"
+    credentials.parent.mkdir(parents=True)
+    credentials.write_text("{}")
+    dropin = tmp_path / "etc/systemd/system/device-agent.service.d/override.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\n")
+
+    runner.calls.clear()
+    status, out = _uninstall(tmp_path, runner=runner)
+    assert status == 0
+    assert runner.calls == [
+        ["systemctl", "disable", "--now", "device-agent.socket", "device-agent.service"],
+        ["systemctl", "daemon-reload"]]
+    for path in (SERVICE, SOCKET, SYSUSERS):
+        assert not (tmp_path / path).exists(), path
+        assert f"removed {tmp_path / path}" in out
+    assert credentials.read_text() == "{}"
+    assert (tmp_path / CONFIG).exists()
+    assert dropin.exists()
+    assert "--purge removes them" in out
+    assert f"kept user and group {SYSTEM_USER}" in out
+
+    runner.calls.clear()
+    status, out = _uninstall(tmp_path, runner=runner)
+    assert status == 0
+    assert runner.calls == []
+    assert f"already absent {tmp_path / SERVICE}" in out
+    assert "nothing changed: nothing was installed" in out
+
+    status, out = _uninstall(tmp_path, runner=runner, purge=True)
+    assert status == 0
+    for path in (STATE, CONFIG.parent, dropin.parent):
+        assert not (tmp_path / path).exists(), path
+    assert "deletes the tokens without revoking them" in out
+    assert (tmp_path / "etc" / "passwd").exists()  # the user is never removed
+
+
+def test_uninstall_dry_run(tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    _install(tmp_path, live=True, runner=runner)
+    (tmp_path / STATE).mkdir(parents=True)
+    before = _snapshot(tmp_path)
+    runner.calls.clear()
+    status, out = _uninstall(tmp_path, runner=runner, purge=True, dry_run=True)
+    assert status == 0
+    assert runner.calls == []
+    assert _snapshot(tmp_path) == before
+    assert f"would remove {tmp_path / SERVICE}" in out
+    assert f"would remove {tmp_path / STATE} (credentials)" in out
+    assert ("would run: systemctl disable --now device-agent.socket device-agent.service"
+            in out)
+    assert "dry run: nothing was changed" in out
+
+
+# -- the command line ---------------------------------------------------------------------
+
+def _parser(runner: Recorder, euid: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="device-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub, runner=runner, geteuid=lambda: euid)
+    return parser
+
+
+def _cli(argv: list[str], runner: Recorder, euid: int = 1000) -> int:
+    args = _parser(runner, euid).parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+@pytest.mark.parametrize("command", ["install-service", "uninstall-service"])
+def test_the_running_system_needs_root(tmp_path: Path, command: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    runner = Recorder(tmp_path)
+    assert _cli([command], runner) == 77
+    assert f"sudo device-agent {command}" in capsys.readouterr().err
+    assert _cli([command, "--root", "/"], runner) == 77
+    assert runner.calls == []
+
+
+def test_cli_into_a_root_needs_no_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runner = Recorder(tmp_path)
+    prefix = tmp_path / "opt" / "device-agent"
+    assert _cli(["install-service", "--root", str(tmp_path), "--prefix", "/opt/device-agent"],
+                runner) == 0
+    assert f"ExecStart={PROGRAM} run" in (tmp_path / SERVICE).read_text()
+    assert not prefix.exists()
+    assert _cli(["uninstall-service", "--root", str(tmp_path), "--purge"], runner) == 0
+    assert not (tmp_path / SERVICE).exists()
+    assert runner.calls == []
+    assert _cli(["install-service", "--root", str(tmp_path / "nowhere")], runner) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_dry_run_on_the_running_system(capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
+    runner = Recorder(tmp_path)
+    assert _cli(["install-service", "--dry-run"], runner) == 0
+    assert _cli(["uninstall-service", "--dry-run"], runner) == 0
+    assert runner.calls == []
+    out = capsys.readouterr().out
+    assert "would write /etc/systemd/system/device-agent.service (mode 0644)" in out or \
+           "unchanged /etc/systemd/system/device-agent.service" in out
+
+
+# -- systemd's own checks -----------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian: apt-get install systemd)")
+    return path
+
+
+def test_exposure_is_at_most_1_5() -> None:
+    analyze = _tool("systemd-analyze")
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--threshold=15",
+         str(SHIPPED["device-agent.service"])],
+        capture_output=True, text=True, check=False, timeout=60)
+    found = re.search(r"Overall exposure level for device-agent\.service: (\d+\.\d) (\w+)",
+                      result.stdout)
+    assert found is not None, result.stdout + result.stderr
+    assert float(found.group(1)) <= 1.5, found.group(0)
+    assert found.group(2) == "OK", found.group(0)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_installed_units_verify_clean(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    # verify insists that ExecStart= names an executable file, so install the units with
+    # one that exists here; no running systemd is needed.
+    status, _ = _install(tmp_path, program=Path(sys.executable))
+    assert status == 0
+    units = [str(tmp_path / SERVICE), str(tmp_path / SOCKET)]
+    result = subprocess.run([analyze, "verify", *units], capture_output=True, text=True,
+                            check=False, timeout=60)
+    # Unknown keys and bad values are only warnings (exit 0): any mention of our units
+    # counts as a failure.
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if "device-agent" in line]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ours == []
+
+
+def test_sysusers_file_creates_the_user_and_keeps_existing_groups(tmp_path: Path) -> None:
+    sysusers = _tool("systemd-sysusers")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (etc / "group").write_text("root:x:0:\ndialout:x:20:\nvideo:x:44:\ni2c:x:998:pi\n")
+    conf = tmp_path / "device-agent.conf"
+    conf.write_bytes(packaged_file("sysusers.conf"))
+    for _ in range(2):  # the second run must change nothing
+        result = subprocess.run([sysusers, f"--root={tmp_path}", str(conf)],
+                                capture_output=True, text=True, check=False, timeout=60)
+        assert result.returncode == 0, result.stderr
+    passwd = {line.split(":")[0]: line.split(":") for line in
+              (etc / "passwd").read_text().splitlines()}
+    assert passwd[SYSTEM_USER][5:] == ["/var/lib/device-agent", "/usr/sbin/nologin"]
+    groups = {line.split(":")[0]: line.split(":") for line in
+              (etc / "group").read_text().splitlines()}
+    assert groups["dialout"][2] == "20" and groups["video"][2] == "44"
+    assert groups["i2c"][2] == "998"
+    assert sorted(groups["i2c"][3].split(",")) == [SYSTEM_USER, "pi"]  # pi stays
+    for name in DEVICE_GROUPS:
+        assert SYSTEM_USER in groups[name][3].split(","), name
+    assert 0 < int(passwd[SYSTEM_USER][2]) < 1000  # a system user
