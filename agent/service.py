@@ -80,30 +80,49 @@ def _differs_from(old: Snapshot) -> Callable[[Snapshot], bool]:
     return lambda new: new is not old
 
 
-async def _drive_display(display: Display, driver: Driver, clock: Clock) -> None:
-    """Redraw on every state change, and every second while a countdown runs."""
-    from agent.display.screens import build_screen
+async def _drive_display(display: Display, driver: Driver, clock: Clock,
+                         blank_after: float | None) -> None:
+    """Redraw on every state change, and every second while a countdown runs; once
+    signed in for `blank_after` seconds, blank the panel (OLEDs burn in)."""
+    from agent.display.screens import BLANK_SCREEN, build_screen
 
     await display.start()
+    signed_in_since: float | None = None
     try:
         while True:
             snapshot = driver.snapshot
+            now = clock.monotonic()
+            if snapshot.phase != Phase.SIGNED_IN:
+                signed_in_since = None
+            elif signed_in_since is None:
+                signed_in_since = now
+            blank_at = (None if signed_in_since is None or blank_after is None
+                        else signed_in_since + blank_after)
             poll = driver.poll
-            screen = build_screen(
-                snapshot, now_mono=clock.monotonic(), now_wall=clock.time(),
-                code_lifetime=poll.authorization.expires_in if poll else None)
+            if blank_at is not None and now >= blank_at:
+                screen = BLANK_SCREEN
+            else:
+                screen = build_screen(
+                    snapshot, now_mono=now, now_wall=clock.time(),
+                    code_lifetime=poll.authorization.expires_in if poll else None)
             try:
                 await display.show(screen)
             except Exception:
                 log.exception("the display failed; the agent goes on without it")
+            if snapshot.phase == Phase.AWAITING_USER:
+                timeout: float | None = 1.0
+            elif blank_at is not None and now < blank_at:
+                timeout = blank_at - now
+            else:
+                timeout = None
             changed = asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))
+            sleeper = asyncio.ensure_future(clock.sleep(timeout if timeout is not None
+                                                        else float("inf")))
             try:
-                if snapshot.phase == Phase.AWAITING_USER:
-                    await asyncio.wait([changed], timeout=1.0)
-                else:
-                    await changed
+                await asyncio.wait([changed, sleeper], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 changed.cancel()
+                sleeper.cancel()
     finally:
         with contextlib.suppress(Exception):
             await display.close()
@@ -146,8 +165,10 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         if display is None and use_default_display:
             display = create_display(config)
         if display is not None:
-            tasks.append(asyncio.create_task(_drive_display(display, driver, clock),
-                                             name="display"))
+            # Burn-in is a panel's problem; a terminal keeps showing who is signed in.
+            blank_after = None if config.display.type == "console" else config.display.blank_after
+            tasks.append(asyncio.create_task(
+                _drive_display(display, driver, clock, blank_after), name="display"))
         interval = watchdog_interval()
         if interval is not None and notifier.enabled:
             tasks.append(asyncio.create_task(run_watchdog(notifier, interval), name="watchdog"))

@@ -15,7 +15,14 @@ from urllib.parse import urlsplit
 
 from agent.state import Phase, Snapshot
 
-__all__ = ["CODE_INSTRUCTION", "Screen", "build_screen", "format_user_code", "short_url"]
+__all__ = [
+    "BLANK_SCREEN",
+    "CODE_INSTRUCTION",
+    "Screen",
+    "build_screen",
+    "format_user_code",
+    "short_url",
+]
 
 # The first line of every "code" screen. Text panels show it as is; richer displays
 # spell it out with the URL and code themselves and can skip it by comparing to this.
@@ -40,6 +47,10 @@ class Screen:
     seconds_left: int | None = None
     progress: float | None = None
     device_name: str | None = None
+
+
+# Shown once signed in for `display.blank_after`: panels switch off (OLED burn-in).
+BLANK_SCREEN = Screen(kind="blank", title="", lines=())
 
 
 def format_user_code(code: str) -> str:

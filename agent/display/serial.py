@@ -64,9 +64,10 @@ page lacks that component, and may carry a page prefix (``page0.tCode``):
                            HD44780 commands); "matrix_orbital": Matrix Orbital (0xFE)
 
     No QR code (logged once): 16x2 shows the code on the first row and the short URL on
-    the second, a row's width at a time when it is longer (pages change every two
-    seconds); 20x4 shows the title and countdown, the URL wrapped over two rows, and the
-    code. Other screens put the title on the first row and wrap their lines below it.
+    the second; 20x4 shows the title and countdown, the URL wrapped over two rows, and
+    the code. Other screens put the title on the first row and wrap their lines below
+    it. Text longer than its rows is shown a part at a time, cut where a row ends, each
+    part for `PAGE_SECONDS`.
     Blanking clears the panel and turns the backlight off (SerLCD: all three channels,
     which OpenLCD keeps in EEPROM, so it is done only on blank and wake). Text is plain
     ASCII; "|" is the SerLCD command byte and shows as "?".
@@ -94,7 +95,7 @@ import re
 import textwrap
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from agent.clock import Clock, SystemClock
 from agent.config import DisplayConfig
@@ -105,6 +106,7 @@ from agent.display.screens import CODE_INSTRUCTION, Screen
 from agent.errors import ConfigError
 
 __all__ = [
+    "PAGE_SECONDS",
     "RETRY_INTERVAL",
     "SERIAL_DISPLAY_TYPES",
     "PortOpener",
@@ -116,8 +118,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 SERIAL_DISPLAY_TYPES: Final = frozenset({"terminal", "nextion", "charlcd"})
 RETRY_INTERVAL: Final = 5.0
+# How long each part of a text too long for its row stays on a character LCD.
+PAGE_SECONDS: Final = 2.0
 
 # Long enough for a full frame at the slowest line: a flow-controlled terminal that never
 # says XON again must not hold the display task for ever.
@@ -188,20 +194,27 @@ class _Panel(Protocol):
 
     kind: str
 
+    @property
+    def animated(self) -> bool:
+        """True while the last frame changes with time alone (text shown a part at a
+        time), so the display renders it again at each `PAGE_SECONDS` boundary."""
+        ...
+
     def reset(self) -> bytes:
         """The panel's state is unknown (just connected): bytes that bring it into a
         known empty state. Forgets what was drawn, so the next render is complete."""
         ...
 
-    def render(self, screen: Screen) -> bytes:
-        """Bytes that change what the panel shows into `screen`; b"" when it shows it."""
+    def render(self, screen: Screen, now: float) -> bytes:
+        """Bytes that change what the panel shows into `screen` at monotonic time
+        `now`; b"" when it shows that already."""
         ...
 
 
 class SerialDisplay:
     """A `Display` on a serial line: connection, reconnection and writes, for a panel.
 
-    `opener` opens the port (pyserial by default); `clock` paces the retries.
+    `opener` opens the port (pyserial by default); `clock` paces retries and checks.
     """
 
     def __init__(self, panel: _Panel, *, port: str, baudrate: int,
@@ -219,6 +232,9 @@ class SerialDisplay:
         self._screen: Screen | None = None
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
+        self._in_flight: asyncio.Future[Any] | None = None
+        # Set when a frame starts to page, so the supervisor times the next part.
+        self._wake = asyncio.Event()
         # True from the first failure until a frame is written again: one warning per
         # outage, however many retries fail in between.
         self._outage = False
@@ -230,10 +246,11 @@ class SerialDisplay:
     async def start(self) -> None:
         if self._supervisor is not None:
             return
-        async with self._lock:
-            await self._connect()
+        # Started first, so that a start cut short still leaves the retries running.
         self._supervisor = asyncio.create_task(self._supervise(),
                                                name=f"{self._panel.kind} display")
+        async with self._lock:
+            await self._connect()
 
     async def show(self, screen: Screen) -> None:
         self._screen = screen
@@ -241,8 +258,7 @@ class SerialDisplay:
             await self.start()
             return  # connecting drew the screen, or the supervisor will
         async with self._lock:
-            if self._port is not None:
-                await self._send(self._panel.render(screen))
+            await self._draw()
 
     async def close(self) -> None:
         supervisor, self._supervisor = self._supervisor, None
@@ -250,51 +266,88 @@ class SerialDisplay:
             supervisor.cancel()
             await asyncio.wait([supervisor])
         async with self._lock:
-            port, screen = self._port, self._screen
-            if port is not None and screen is not None and screen.kind == "code":
+            screen = self._screen
+            if screen is not None and screen.kind == "code":
                 # The agent stops polling, so the code can no longer sign anyone in.
-                await self._send(self._panel.render(_void(screen)))
-                port = self._port
-            self._port = None
+                self._screen = _void(screen)
+                await self._draw()
+            port, self._port = self._port, None
             if port is not None:
-                await asyncio.to_thread(_close_quietly, port)
+                await self._in_thread(_close_quietly, port)
 
     # -- connection ----------------------------------------------------------------------
 
     async def _supervise(self) -> None:
+        next_check = self._clock.monotonic() + self._retry_interval
         while True:
-            await self._clock.sleep(self._retry_interval)
+            now = self._clock.monotonic()
+            wait = next_check - now
+            if self._panel.animated:
+                wait = min(wait, PAGE_SECONDS - now % PAGE_SECONDS)
+            if await self._pause(wait):
+                continue  # a frame started to page: time the next part
             async with self._lock:
-                port = self._port
-                if port is not None:
-                    try:
-                        await asyncio.to_thread(_check_alive, port, self._url)
-                    except (OSError, ValueError) as exc:
-                        await self._lose(exc)
-                if self._port is None:
-                    await self._connect()
+                if self._clock.monotonic() >= next_check:
+                    next_check = self._clock.monotonic() + self._retry_interval
+                    await self._check()
+                elif self._panel.animated:
+                    await self._draw()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep on the clock; True when `_wake` cut the sleep short."""
+        self._wake.clear()
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait([sleeper, waker], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+        return sleeper not in done
+
+    async def _check(self) -> None:
+        port = self._port
+        if port is not None:
+            try:
+                await self._in_thread(_check_alive, port, self._url)
+            except Exception as exc:  # whatever the port raises, the panel is gone
+                await self._lose(exc)
+        if self._port is None:
+            await self._connect()
 
     async def _connect(self) -> None:
+        if self._port is not None:
+            return
         write_timeout = 2.0 + 10 * _WRITE_BUDGET_BYTES / self._baudrate
         try:
-            self._port = await asyncio.to_thread(
+            self._port = await self._in_thread(
                 self._opener, self._url, baudrate=self._baudrate,
                 flow_control=self._flow_control, write_timeout=write_timeout)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # pyserial raises OSError, ValueError and its own
             self._report(exc)
             return
         data = self._panel.reset()
         if self._screen is not None:
-            data += self._panel.render(self._screen)
+            data += self._panel.render(self._screen, self._clock.monotonic())
+            if self._panel.animated:
+                self._wake.set()
         await self._send(data)
+
+    async def _draw(self) -> None:
+        if self._port is not None and self._screen is not None:
+            paging = self._panel.animated
+            data = self._panel.render(self._screen, self._clock.monotonic())
+            if self._panel.animated and not paging:
+                self._wake.set()
+            await self._send(data)
 
     async def _send(self, data: bytes) -> None:
         port = self._port
         if not data or port is None:
             return
         try:
-            await asyncio.to_thread(port.write, data)
-        except (OSError, ValueError) as exc:
+            await self._in_thread(port.write, data)
+        except Exception as exc:  # loop:// raises queue.Full, for one
             await self._lose(exc)
             return
         if self._outage:
@@ -305,20 +358,47 @@ class SerialDisplay:
         port, self._port = self._port, None
         self._report(exc)
         if port is not None:
-            await asyncio.to_thread(_close_quietly, port)
+            await self._in_thread(_close_quietly, port)
+
+    async def _in_thread(self, func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """`func` in a worker thread, one at a time.
+
+        A cancelled caller (the agent shutting down mid-frame) cannot stop the thread,
+        so the next call waits for it: two threads writing at once would interleave
+        their bytes, and `close` must not pull the port from under a write.
+        """
+        if self._in_flight is not None:
+            await asyncio.wait([self._in_flight])
+        task = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+        self._in_flight = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_orphaned)
+            raise
 
     def _report(self, exc: BaseException) -> None:
+        reason = str(exc) or type(exc).__name__
         if self._outage:
             log.debug("%s display on %s still unavailable: %s", self._panel.kind, self._url,
-                      exc)
+                      reason)
             return
         self._outage = True
         hint = ""
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
             hint = " (the agent's user needs to be in the dialout group)"
         log.warning("%s display on %s is not available: %s%s; the agent goes on without "
-                    "it and retries every %g s", self._panel.kind, self._url, exc, hint,
+                    "it and retries every %g s", self._panel.kind, self._url, reason, hint,
                     self._retry_interval)
+
+
+def _orphaned(task: asyncio.Future[Any]) -> None:
+    # Nobody awaits this result any more; a port opened for nobody is closed.
+    if task.cancelled() or task.exception() is not None:
+        return
+    result = task.result()
+    if hasattr(result, "write") and hasattr(result, "close"):
+        asyncio.get_running_loop().run_in_executor(None, _close_quietly, result)
 
 
 def _void(screen: Screen) -> Screen:
@@ -382,7 +462,8 @@ def _hints(screen: Screen, *, qr_shown: bool) -> list[str]:
 _PLAIN, _BOLD, _LIGHT, _DARK = range(4)
 # Black on white, explicitly: 107 is bright white, and a terminal without it keeps the
 # 47 before it. _DARK is a black ground for the ASCII QR code's dark modules.
-_SGR: Final = {_PLAIN: "0", _BOLD: "0;1", _LIGHT: "0;30;47;107", _DARK: "0;37;40"}
+_SGR: Final = {_PLAIN: "0", _BOLD: "0;1", _LIGHT: "0;30;47;107", _DARK: "0;30;40"}
+_QR_STYLES: Final = frozenset({_LIGHT, _DARK})
 _BLANK_CELL: Final = (" ", _PLAIN)
 # Reset attributes, no autowrap (a character in the last column must not scroll the
 # screen), cursor hidden, home, clear.
@@ -396,6 +477,7 @@ Frame = tuple[tuple[Cell, ...], ...]
 
 class _Terminal:
     kind = "terminal"
+    animated = False
 
     def __init__(self, *, columns: int, rows: int, ascii_only: bool) -> None:
         self._columns = columns
@@ -408,7 +490,7 @@ class _Terminal:
         self._shown = self._empty()
         return _TERMINAL_RESET.encode("ascii")
 
-    def render(self, screen: Screen) -> bytes:
+    def render(self, screen: Screen, now: float) -> bytes:
         frame = self._frame(screen)
         out = _diff(self._shown, frame)
         self._shown = frame
@@ -565,11 +647,16 @@ def _diff(old: Frame, new: Frame) -> str:
         while end > 0 and now[end - 1] == _BLANK_CELL:
             end -= 1
         out.append(f"\x1b[{row + 1};{first + 1}H")
-        style = None
+        style: int | None = None
         for ch, cell_style in now[first:min(last + 1, end)]:
             if cell_style != style:
+                if style in _QR_STYLES and cell_style in _QR_STYLES:
+                    # Across an ASCII QR code only the ground changes: a short code
+                    # keeps the frame small enough for a slow line.
+                    out.append("\x1b[40m" if cell_style == _DARK else "\x1b[47;107m")
+                else:
+                    out.append(f"\x1b[{_SGR[cell_style]}m")
                 style = cell_style
-                out.append(f"\x1b[{_SGR[cell_style]}m")
             out.append(ch)
         if last >= end:
             out.append("\x1b[0m\x1b[K")
@@ -601,6 +688,7 @@ class _NextionSettings:
 
 class _Nextion:
     kind = "nextion"
+    animated = False
 
     def __init__(self, settings: _NextionSettings) -> None:
         self._s = settings
@@ -614,7 +702,7 @@ class _Nextion:
         return _NEXTION_END + self._commands(
             ["sleep=0", f"dim={self._s.brightness}", f"page {self._s.page}"])
 
-    def render(self, screen: Screen) -> bytes:
+    def render(self, screen: Screen, now: float) -> bytes:
         if screen.kind == "blank":
             if self._asleep:
                 return b""
@@ -692,7 +780,18 @@ def _quote(values: Sequence[str | None], limit: int) -> str:
 
 # -- character LCD ----------------------------------------------------------------------
 
-_PAGE_TICKS: Final = 2  # seconds each part of a long URL stays on a 16x2 row
+_SERLCD_CLEAR: Final = b"\x7c\x2d"
+# OpenLCD backlight channels: 128-157 white/red, 158-187 green, 188-217 blue.
+_SERLCD_BACKLIGHT_ON: Final = b"\x7c\x9d\x7c\xbb\x7c\xd9"
+_SERLCD_BACKLIGHT_OFF: Final = b"\x7c\x80\x7c\x9e\x7c\xbc"
+# Clear; autoscroll, block and underline cursor off: a character in the last cell must
+# not scroll the panel.
+_ORBITAL_RESET: Final = b"\xfe\x58\xfe\x52\xfe\x54\xfe\x4b"
+_ORBITAL_BACKLIGHT_ON: Final = b"\xfe\x42\x00"  # 0: no timeout, stays on
+_ORBITAL_BLANK: Final = b"\xfe\x58\xfe\x46"
+
+
+_Text = TypeVar("_Text", str, list[str])  # a row's characters, or rows
 
 
 class _CharLcd:
@@ -705,36 +804,36 @@ class _CharLcd:
         self._shown = self._empty()
         self._dark = False
         self._said_no_qr = False
+        self.animated = False
 
     def reset(self) -> bytes:
         self._shown = self._empty()
         self._dark = False
         if self._serlcd:
             return _SERLCD_CLEAR + _SERLCD_BACKLIGHT_ON
-        # Autoscroll off: a character in the last cell must not scroll the panel.
-        return b"\xfe\x58\xfe\x52\xfe\x54\xfe\x4b" + b"\xfe\x42\x00"
+        return _ORBITAL_RESET + _ORBITAL_BACKLIGHT_ON
 
-    def render(self, screen: Screen) -> bytes:
+    def render(self, screen: Screen, now: float) -> bytes:
+        self.animated = False
         if screen.kind == "blank":
             if self._dark:
                 return b""
             self._dark = True
             self._shown = self._empty()
-            return (_SERLCD_CLEAR + _SERLCD_BACKLIGHT_OFF if self._serlcd
-                    else b"\xfe\x58\xfe\x46")
+            return _SERLCD_CLEAR + _SERLCD_BACKLIGHT_OFF if self._serlcd else _ORBITAL_BLANK
         out = b""
         if self._dark:
             self._dark = False
-            out += _SERLCD_BACKLIGHT_ON if self._serlcd else b"\xfe\x42\x00"
+            out += _SERLCD_BACKLIGHT_ON if self._serlcd else _ORBITAL_BACKLIGHT_ON
         if screen.qr_data and not self._said_no_qr:
             self._said_no_qr = True
             log.info("a character LCD cannot draw a QR code; it shows the URL and code")
-        frame = self._frame(screen)
-        for row, (was, now) in enumerate(zip(self._shown, frame, strict=True)):
-            changed = [i for i, (a, b) in enumerate(zip(was, now, strict=True)) if a != b]
+        frame = self._frame(screen, int(now // PAGE_SECONDS))
+        for row, (was, new) in enumerate(zip(self._shown, frame, strict=True)):
+            changed = [i for i, (a, b) in enumerate(zip(was, new, strict=True)) if a != b]
             if changed:
                 first, last = changed[0], changed[-1]
-                out += self._goto(row, first) + now[first:last + 1].encode("ascii")
+                out += self._goto(row, first) + new[first:last + 1].encode("ascii")
         self._shown = frame
         return out
 
@@ -749,19 +848,20 @@ class _CharLcd:
             return bytes((0xFE, 0x80 | (offsets[row] + col)))
         return bytes((0xFE, 0x47, col + 1, row + 1))
 
-    def _frame(self, screen: Screen) -> tuple[str, ...]:
+    def _frame(self, screen: Screen, page: int) -> tuple[str, ...]:
         width = self._columns
-        clean = self._clean
         if screen.kind == "code":
-            rows = self._code_rows(screen)
+            rows = self._code_rows(screen, page)
         else:
-            rows = [clean(screen.title)[:width]]
+            body: list[str] = []
             for line in screen.lines:
-                rows.extend(_wrap(clean(line), width))
+                body.extend(_wrap(self._clean(line), width))
+            # Lines beyond the panel take turns below the title.
+            rows = [self._clean(screen.title), *self._part(body, self._rows - 1, page)]
         rows = (rows + [""] * self._rows)[:self._rows]
         return tuple(row[:width].ljust(width) for row in rows)
 
-    def _code_rows(self, screen: Screen) -> list[str]:
+    def _code_rows(self, screen: Screen, page: int) -> list[str]:
         width = self._columns
         code = self._clean(screen.user_code_display or "")
         for label in ("Code: ", "Code ", ""):
@@ -769,36 +869,29 @@ class _CharLcd:
                 code_row = label + code
                 break
         else:
-            code_row = _page(code, width, screen)
+            code_row = self._part(code, width, page)
         url = self._clean(screen.url or "")
         if self._rows == 2:
-            return [code_row, _page(url, width, screen)]
+            return [code_row, self._part(url, width, page)]
         title = self._clean(screen.title)
         left = _clock_text(screen)
         if left is not None and len(title) + 1 + len(left) <= width:
             title = title.ljust(width - len(left)) + left
-        two_rows = _page(url, 2 * width, screen)
+        two_rows = self._part(url, 2 * width, page)
         return [title, two_rows[:width], two_rows[width:], code_row]
+
+    def _part(self, whole: _Text, size: int, page: int) -> _Text:
+        """`whole` if it fits `size`, else this page's part of it: cut where a row ends,
+        so nothing is skipped, and each part shown for `PAGE_SECONDS`."""
+        if len(whole) <= size or size <= 0:
+            return whole
+        self.animated = True
+        parts = [whole[i:i + size] for i in range(0, len(whole), size)]
+        return parts[page % len(parts)]
 
     def _clean(self, text: str) -> str:
         text = _printable(text, ascii_only=True)
         return text.replace("|", "?") if self._serlcd else text
-
-
-_SERLCD_CLEAR: Final = b"\x7c\x2d"
-# OpenLCD backlight channels: 128-157 white/red, 158-187 green, 188-217 blue.
-_SERLCD_BACKLIGHT_ON: Final = b"\x7c\x9d\x7c\xbb\x7c\xd9"
-_SERLCD_BACKLIGHT_OFF: Final = b"\x7c\x80\x7c\x9e\x7c\xbc"
-
-
-def _page(text: str, width: int, screen: Screen) -> str:
-    """`text` if it fits `width`, else the part for this second: each part stays
-    `_PAGE_TICKS` countdown seconds, cut where a row ends so none is skipped."""
-    if len(text) <= width:
-        return text
-    parts = [text[i:i + width] for i in range(0, len(text), width)]
-    tick = -(screen.seconds_left or 0)  # grows by one each second of the countdown
-    return parts[(tick // _PAGE_TICKS) % len(parts)]
 
 
 # -- options ----------------------------------------------------------------------------
@@ -885,7 +978,7 @@ def _component(value: object, key: str) -> str | None:
 def _page_option(value: object, key: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
         return str(value)
-    if isinstance(value, str) and (value.isdigit() and int(value) <= 255
+    if isinstance(value, str) and ((value.isdigit() and int(value) <= 255)
                                    or _PAGE_NAME.fullmatch(value)):
         return value
     raise ConfigError(key, "expected a page number (0-255) or a page name, got "
