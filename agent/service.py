@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from agent.clock import Clock, SystemClock
 from agent.config import AgentConfig
@@ -23,6 +24,9 @@ from agent.state import Phase, Snapshot, summary
 from agent.store import CredentialStore
 from agent.systemd import Notifier, listen_sockets, run_watchdog, watchdog_interval
 from agent.transport import Transport
+
+if TYPE_CHECKING:
+    from agent.display.button import Button
 
 __all__ = ["create_display", "driver_settings", "serve"]
 
@@ -115,14 +119,14 @@ async def _drive_display(display: Display, driver: Driver, clock: Clock,
                 timeout = blank_at - now
             else:
                 timeout = None
-            changed = asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))
-            sleeper = asyncio.ensure_future(clock.sleep(timeout if timeout is not None
-                                                        else float("inf")))
+            waits = [asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))]
+            if timeout is not None:
+                waits.append(asyncio.ensure_future(clock.sleep(timeout)))
             try:
-                await asyncio.wait([changed, sleeper], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                changed.cancel()
-                sleeper.cancel()
+                for waiter in waits:
+                    waiter.cancel()
     finally:
         with contextlib.suppress(Exception):
             await display.close()
@@ -142,6 +146,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
     store.open()
     tasks: list[asyncio.Task[None]] = []
     api: ApiServer | None = None
+    button: Button | None = None
     transport = Transport(timeout=config.provider.timeout,
                           max_response_bytes=config.provider.max_response_bytes,
                           ca_file=config.provider.ca_file)
@@ -164,6 +169,14 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         await api.start()
         if display is None and use_default_display:
             display = create_display(config)
+        if "button_pin" in config.display.options:
+            from agent.display.button import create_button
+
+            # A short press asks for a new code while signing in; a hold starts over.
+            button = create_button(
+                config.display.options, loop=asyncio.get_running_loop(),
+                on_press=driver.request_login,
+                on_hold=lambda: driver.request_login(new_sign_in=True))
         if display is not None:
             # Burn-in is a panel's problem; a terminal keeps showing who is signed in.
             blank_after = None if config.display.type == "console" else config.display.blank_after
@@ -192,6 +205,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if button is not None:
+            button.close()
         await consumers.aclose()
         if api is not None:
             await api.close()

@@ -1,0 +1,74 @@
+"""The assembled daemon in this process: what reaches the display, and when."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.config import config_from_mapping
+from agent.display.screens import Screen
+from agent.driver import Driver
+from agent.idp import IdentityProvider
+from agent.service import serve
+from agent.state import Phase
+from tests.clock import ManualClock
+
+
+class RecordingDisplay:
+    """The display boundary, recorded: what the agent asked to show."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.shown: list[tuple[float, Screen]] = []
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def show(self, screen: Screen) -> None:
+        self.shown.append((self.clock.monotonic(), screen))
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def kinds(self) -> list[str]:
+        kinds: list[str] = []
+        for _, screen in self.shown:
+            if not kinds or kinds[-1] != screen.kind:
+                kinds.append(screen.kind)
+        return kinds
+
+
+async def test_countdown_ticks_then_signed_in_then_blank(
+        provider: IdentityProvider, clock: ManualClock, tmp_path: Path) -> None:
+    config = config_from_mapping({
+        "provider": {"issuer": provider.issuer, "client_id": "device-agent",
+                     "allow_insecure_http": True},
+        "display": {"type": "png", "path": str(tmp_path / "frame.png"), "blank_after": "5m"},
+        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
+    display = RecordingDisplay(clock)
+    ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, shutdown=stop.wait(), clock=clock,
+                                     display=display, on_ready=ready.set_result))
+    driver = await asyncio.wait_for(ready, 5)
+    await clock.run_until(lambda: driver.snapshot.phase == Phase.AWAITING_USER)
+    await clock.run_until(lambda: sum(s.kind == "code" for _, s in display.shown) >= 4)
+    seconds = [s.seconds_left for _, s in display.shown if s.kind == "code"]
+    assert seconds[:4] == sorted(seconds[:4], reverse=True) and len(set(seconds[:4])) == 4
+
+    provider.approve()
+    await clock.run_until(lambda: display.kinds()[-1:] == ["signed_in"])
+    signed_at = clock.monotonic()
+    await clock.run_until(lambda: display.kinds()[-1:] == ["blank"])
+    blank_at = next(t for t, s in display.shown if s.kind == "blank")
+    assert 299 <= blank_at - signed_at <= 301
+
+    await driver.logout()
+    await clock.run_until(lambda: display.kinds()[-1:] == ["code"])
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert display.started and display.closed
+    assert display.kinds()[:2] == ["starting", "code"] or display.kinds()[0] == "code"
