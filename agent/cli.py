@@ -243,6 +243,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(Path(args.file))
+        # Panel options are checked by the panel's own code, as at start-up.
+        from agent.display.factory import create_display
+
+        create_display(config.display)
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}", EX_CONFIG)
     where = config.provider.issuer or config.provider.device_authorization_endpoint
@@ -325,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "authentik's 20 requests an hour)")
     provider.set_defaults(func=cmd_check_provider)
 
+    from agent.display.render import register as register_render
     from agent.install import register as register_install
 
+    register_render(sub)
     register_install(sub)
     return parser
 

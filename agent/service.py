@@ -28,7 +28,7 @@ from agent.transport import Transport
 if TYPE_CHECKING:
     from agent.display.button import Button
 
-__all__ = ["create_display", "driver_settings", "serve"]
+__all__ = ["driver_settings", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,6 @@ def driver_settings(config: AgentConfig) -> DriverSettings:
         refresh_retry_initial=config.refresh.retry_initial,
         refresh_retry_max=config.refresh.retry_max,
     )
-
-
-def create_display(config: AgentConfig) -> Display | None:
-    kind = config.display.type
-    if kind == "none":
-        return None
-    if kind == "console":
-        from agent.display.console import ConsoleDisplay
-
-        return ConsoleDisplay()
-    log.warning("display type %s is not available in this build; using the console", kind)
-    from agent.display.console import ConsoleDisplay
-
-    return ConsoleDisplay()
 
 
 def _differs_from(old: Snapshot) -> Callable[[Snapshot], bool]:
@@ -119,7 +105,8 @@ async def _drive_display(display: Display, driver: Driver, clock: Clock,
                 timeout = blank_at - now
             else:
                 timeout = None
-            waits = [asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))]
+            waits: list[asyncio.Future[object]] = [
+                asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))]
             if timeout is not None:
                 waits.append(asyncio.ensure_future(clock.sleep(timeout)))
             try:
@@ -139,8 +126,17 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
     """Run the agent until `shutdown` completes (or the driver fails)."""
     from agent.api import AccessPolicy, ApiServer, build_app
 
-    stop = asyncio.ensure_future(shutdown)
     clock = clock or SystemClock()
+    stop = asyncio.ensure_future(shutdown)
+    if display is None and use_default_display:
+        # First, so a bad display option stops the agent (exit 78) before it starts.
+        from agent.display.factory import create_display
+
+        try:
+            display = create_display(config.display, clock=clock)
+        except BaseException:
+            stop.cancel()
+            raise
     notifier = Notifier.from_environment()
     store = CredentialStore(config.storage.path)
     store.open()
@@ -167,8 +163,6 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         api = ApiServer(build_app(driver, policy, wall_clock=clock.time), config.api.socket,
                         mode=config.api.mode, sock=inherited)
         await api.start()
-        if display is None and use_default_display:
-            display = create_display(config)
         if "button_pin" in config.display.options:
             from agent.display.button import create_button
 

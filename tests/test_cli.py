@@ -83,6 +83,8 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     ("provider:\n  issuer: https://a/application/o/x/\n  client_id: x\nrefresh:\n"
      "  margin: -5s\n", "refresh.margin"),
     ("provider:\n  issuer: https://a/x/\n  client_id: x\n  colour: blue\n", "provider.colour"),
+    ("provider:\n  issuer: https://a/x/\n  client_id: x\ndisplay:\n  type: ssd1306\n"
+     "  options:\n    adress: 0x3C\n", "display.options.adress"),
 ])
 def test_broken_config_exits_78_naming_the_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str) -> None:
