@@ -26,7 +26,6 @@ from PIL import Image
 
 from agent.config import DisplayConfig
 from agent.display import Display
-from agent.display.qr import qr_matrix
 from agent.display.screens import Screen, build_screen
 from agent.display.serial import (
     RETRY_INTERVAL,
@@ -38,6 +37,7 @@ from agent.display.serial import (
 from agent.errors import ConfigError
 from agent.state import Phase, Snapshot
 from tests.clock import ManualClock
+from tests.qrscan import scan_text
 
 NOW_MONO = 10_000.0
 NOW_WALL = 1_800_000_000.0
@@ -520,20 +520,6 @@ def nextion_values(commands: list[str]) -> dict[str, str]:
     return values
 
 
-def decode_qr_text(text: str) -> list[str]:
-    """Draw `text` as the Nextion's QR component would, and scan it."""
-    matrix = qr_matrix(text)
-    quiet = 4
-    side = matrix.size + 2 * quiet
-    image = Image.new("L", (side, side), 255)
-    for r, row in enumerate(matrix.modules):
-        for c, dark in enumerate(row):
-            if dark:
-                image.putpixel((c + quiet, r + quiet), 0)
-    image = image.resize((side * 4, side * 4), Image.Resampling.NEAREST)
-    return [b.text for b in zxingcpp.read_barcodes(image, try_invert=False)]
-
-
 @URIS
 async def test_nextion_sets_the_components_and_the_qr_text(uri: str) -> None:
     wire = LoopPorts()
@@ -553,7 +539,7 @@ async def test_nextion_sets_the_components_and_the_qr_text(uri: str) -> None:
     assert values["qr0"] == uri
     assert values["tStatus"] == "Expires in 1:00\rType the digits only\ror scan the QR code"
     assert "vis qr0,1" in commands
-    assert decode_qr_text(values["qr0"]) == [uri]
+    assert scan_text(values["qr0"]) == [uri]
     await display.close()
 
 
