@@ -395,8 +395,8 @@ class Driver:
             self._finding(
                 "no-offline-scope",
                 "the provider does not list the offline_access scope, so it may issue no "
-                "refresh token; in authentik, add the offline_access scope mapping to the "
-                "provider")
+                "refresh token (authentik: add the offline_access scope mapping to the "
+                "provider)")
 
     def _finding(self, key: str, message: str) -> None:
         """A provider setup problem, said once per run."""
@@ -513,8 +513,8 @@ class Driver:
             self._finding(
                 "short-code",
                 f"codes expire after {auth.expires_in:.0f} s, too short to read, unlock a "
-                "phone and approve; in authentik raise the provider's Access code validity "
-                "(e.g. minutes=10)")
+                "phone and approve; give codes at least 5 minutes (authentik: raise the "
+                "provider's Access code validity, e.g. minutes=10)")
         log.info("code %s: open %s and enter it (valid for %.0f s)", auth.user_code,
                  auth.verification_uri, auth.expires_in)
         self._publish(
@@ -572,8 +572,8 @@ class Driver:
             self._finding(
                 "no-refresh-token",
                 "no refresh token was issued, so a new sign-in is needed when this token "
-                "expires; request the offline_access scope, and in authentik add the "
-                "offline_access scope mapping to the provider")
+                "expires; request the offline_access scope, and let the provider grant it "
+                "(authentik: add the offline_access scope mapping to the provider)")
         log.info("signed in as %s (token %s, valid for %s)", _user_label(creds) or "unknown user",
                  fingerprint(tokens.access_token), _duration(self.remaining()))
         self._publish(Phase.SIGNED_IN)
