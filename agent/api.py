@@ -244,20 +244,20 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await response.prepare(request)
-        changes = driver.changes()
+        last: Snapshot | None = None
         try:
             while True:
+                snapshot = driver.snapshot
+                if snapshot is not last:
+                    last = snapshot
+                    data = json.dumps(status_document(snapshot))
+                    await response.write(f"event: state\ndata: {data}\n\n".encode())
                 try:
-                    snapshot = await asyncio.wait_for(anext(changes), heartbeat)
+                    await asyncio.wait_for(driver.wait_for_change(last), heartbeat)
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
-                    continue
-                data = json.dumps(status_document(snapshot))
-                await response.write(f"event: state\ndata: {data}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
-        finally:
-            await changes.aclose()
         return response
 
     async def post_login(request: web.Request, caller: Caller) -> web.StreamResponse:

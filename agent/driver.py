@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -168,14 +168,9 @@ class Driver:
             await self._changed.wait()
         return self._snapshot
 
-    async def changes(self) -> AsyncGenerator[Snapshot, None]:
-        """Every snapshot from now on (a slow reader sees the latest, not each one)."""
-        last: Snapshot | None = None
-        while True:
-            while self._snapshot is last:
-                await self._changed.wait()
-            last = self._snapshot
-            yield last
+    async def wait_for_change(self, since: Snapshot) -> Snapshot:
+        """The first snapshot after `since` (cancellation-safe: it holds no state)."""
+        return await self.wait_for(lambda current: current is not since)
 
     def _publish(self, phase: Phase, **fields: object) -> None:
         creds = self._credentials

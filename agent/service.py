@@ -66,10 +66,6 @@ def driver_settings(config: AgentConfig) -> DriverSettings:
     )
 
 
-def _differs_from(old: Snapshot) -> Callable[[Snapshot], bool]:
-    return lambda new: new is not old
-
-
 async def _drive_display(display: Display, driver: Driver, clock: Clock,
                          blank_after: float | None) -> None:
     """Redraw on every state change, and every second while a countdown runs; once
@@ -106,7 +102,7 @@ async def _drive_display(display: Display, driver: Driver, clock: Clock,
             else:
                 timeout = None
             waits: list[asyncio.Future[object]] = [
-                asyncio.ensure_future(driver.wait_for(_differs_from(snapshot)))]
+                asyncio.ensure_future(driver.wait_for_change(snapshot))]
             if timeout is not None:
                 waits.append(asyncio.ensure_future(clock.sleep(timeout)))
             try:

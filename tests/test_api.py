@@ -222,6 +222,8 @@ async def test_events_stream_follows_the_state(api: Api, provider: IdentityProvi
 
     reader = asyncio.create_task(read_events())
     await api.run.clock.run_until(lambda: seen == ["awaiting_user"], max_seconds=0)
+    await asyncio.sleep(0.5)  # a few heartbeats (0.2 s here) pass without a change
+    assert not reader.done()
     provider.approve()
     await api.run.until_phase(Phase.SIGNED_IN)
     await asyncio.wait_for(reader, 5)
