@@ -32,7 +32,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.accounts import group_id, user_id
-from agent.driver import Driver, ProviderUnavailable
+from agent.driver import Driver, MinTtlTooLong, ProviderUnavailable
 from agent.errors import AgentError, NotSignedIn
 from agent.logs import fingerprint
 from agent.state import Phase, Snapshot
@@ -154,6 +154,13 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
               wall_clock: Callable[[], float] = time.time,
               heartbeat: float = EVENTS_HEARTBEAT) -> web.Application:
     app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
+    # Set when the server shuts down: event streams end at once instead of holding it.
+    closing = asyncio.Event()
+
+    async def on_shutdown(_: web.Application) -> None:
+        closing.set()
+
+    app.on_shutdown.append(on_shutdown)
 
     def route(method: str, path: str, right: str, handler: Handler) -> None:
         async def checked(request: web.Request) -> web.StreamResponse:
@@ -211,6 +218,8 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
             return not_signed_in(str(exc))
         except ProviderUnavailable as exc:
             return _error(502, "provider_unavailable", str(exc))
+        except MinTtlTooLong as exc:
+            return _error(400, "bad_request", str(exc))
         handed_out(caller, "token", tokens.access_token)
         return web.json_response({
             "access_token": tokens.access_token,
@@ -252,11 +261,19 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
                     last = snapshot
                     data = json.dumps(status_document(snapshot))
                     await response.write(f"event: state\ndata: {data}\n\n".encode())
+                change = asyncio.ensure_future(driver.wait_for_change(last))
+                stop = asyncio.ensure_future(closing.wait())
                 try:
-                    await asyncio.wait_for(driver.wait_for_change(last), heartbeat)
-                except TimeoutError:
+                    await asyncio.wait([change, stop], timeout=heartbeat,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    change.cancel()
+                    stop.cancel()
+                if closing.is_set():
+                    break
+                if not change.done() or change.cancelled():
                     await response.write(b": keep-alive\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         return response
 
@@ -337,6 +354,10 @@ async def _json_errors(request: web.Request,
                        ) -> web.StreamResponse:
     try:
         return await handler(request)
+    except AgentError as exc:
+        # Store trouble during a refresh or logout, say: still JSON, never a traceback.
+        log.error("api: %s %s failed: %s", request.method, request.path, exc)
+        return _error(500, "internal_error", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -357,7 +378,10 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        # Event-stream clients never hang up by themselves: at shutdown they get half a
+        # second, so SIGTERM ends the agent well within systemd's stop timeout.
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=0.5)
         await self._runner.setup()
         site: web.BaseSite
         if self._sock is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError, StoreError, StoreInsecure
+from agent.errors import AgentError, ConfigError, StoreCorrupt, StoreError, StoreInsecure
 
 __all__ = ["main"]
 
@@ -83,8 +83,8 @@ def _run_service(config: Any, **serve_args: Any) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
-    except StoreInsecure as exc:
-        # Restarting will not fix file permissions; a person must.
+    except (StoreInsecure, StoreCorrupt) as exc:
+        # Restarting will not fix permissions or a damaged file; a person must.
         log.error("%s", exc)
         return EX_CONFIG
     except StoreError as exc:
@@ -163,7 +163,7 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    from agent.client import AgentUnavailable, call
+    from agent.client import AgentNotAllowed, AgentUnavailable, call
 
     try:
         path = _socket_path(args)
@@ -171,6 +171,8 @@ def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[
         return EX_CONFIG, {"message": f"configuration error: {exc}"}
     try:
         answer = call(path, method, target)
+    except AgentNotAllowed as exc:
+        return EX_NOPERM, {"message": str(exc)}
     except AgentUnavailable as exc:
         return EX_UNAVAILABLE, {"message": f"{exc}; is device-agent running?"}
     except OSError as exc:

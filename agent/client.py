@@ -9,11 +9,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentUnavailable", "ApiAnswer", "call"]
+__all__ = ["AgentNotAllowed", "AgentUnavailable", "ApiAnswer", "call"]
 
 
 class AgentUnavailable(Exception):
     """Nothing listens on the socket (the agent is not running, or another path)."""
+
+
+class AgentNotAllowed(Exception):
+    """The socket exists but this user may not open it."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -58,7 +62,9 @@ def call(path: Path, method: str, target: str, *, timeout: float = 30.0) -> ApiA
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise AgentUnavailable(f"no agent is listening on {path} ({exc.strerror})") from None
         except PermissionError:
-            raise AgentUnavailable(f"no permission to open {path}") from None
+            raise AgentNotAllowed(
+                f"no permission to open {path}: the socket's group, and api.read_users or "
+                "api.read_groups, decide who may") from None
         response = connection.getresponse()
         raw = response.read()
     finally:

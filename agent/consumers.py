@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from agent.accounts import group_id, user_id
 from agent.config import HookConfig, SinkConfig
-from agent.driver import Driver
+from agent.driver import Driver, user_label
 from agent.errors import ConfigError
 from agent.hooks import Hook, HookRunner
 from agent.sinks import TokenFile
@@ -62,13 +62,22 @@ class Consumers:
     def _on_token(self, creds: Credentials | None) -> None:
         self._latest = creds
         self._dirty = True
-        if self._files and (self._writer is None or self._writer.done()):
+        if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_files())
-        env = self._env(self._driver.snapshot)
+
+    def _fire_token_hooks(self, creds: Credentials | None) -> None:
+        """After the files are written, so a hook that reads one sees the new token."""
         if creds is None:
-            self._hooks.fire("signed_out", env)
-        else:
-            self._hooks.fire("token_changed", env, token=creds.tokens.access_token)
+            self._hooks.fire("signed_out", {"DEVICE_AGENT_STATE": "signed_out"})
+            return
+        env = {"DEVICE_AGENT_STATE": Phase.SIGNED_IN.value}
+        user = user_label(creds)
+        if user:
+            env["DEVICE_AGENT_USER"] = user
+        left = self._driver.remaining()
+        if left is not None:
+            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(self._driver.clock.time() + left))
+        self._hooks.fire("token_changed", env, token=creds.tokens.access_token)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         previous, self._phase = self._phase, snapshot.phase
@@ -102,7 +111,9 @@ class Consumers:
             creds = self._latest
             left = self._driver.remaining()
             expires_at = None if left is None else self._driver.clock.time() + left
-            await asyncio.to_thread(self._write_all, creds, expires_at)
+            if self._files:
+                await asyncio.to_thread(self._write_all, creds, expires_at)
+            self._fire_token_hooks(creds)
 
     def _write_all(self, creds: Credentials | None, expires_at: float | None) -> None:
         for file in self._files:

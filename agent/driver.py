@@ -23,6 +23,7 @@ from agent.errors import (
     NotSignedIn,
     OAuthError,
     ProviderError,
+    StoreError,
     TransportError,
 )
 from agent.logs import fingerprint
@@ -65,8 +66,10 @@ from agent.store import Credentials, CredentialStore
 __all__ = [
     "Driver",
     "DriverSettings",
+    "MinTtlTooLong",
     "ProviderUnavailable",
     "Sender",
+    "user_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,13 @@ log = logging.getLogger(__name__)
 SHORT_CODE_LIFETIME = 120.0
 # After a refusal, the screen says so for this long before a new code appears.
 DENIED_PAUSE = 60.0
+# Scheduled refreshes never come closer together than this, whatever the provider's
+# token lifetimes or the margin say.
+MIN_REFRESH_GAP = 10.0
+# A sleep is cut into slices of this length, so a wall-clock jump is noticed in time.
+RECHECK_INTERVAL = 60.0
+# How long sign-out waits for a refresh in flight before revoking.
+REFRESH_WAIT = 10.0
 # A wall clock that moved this much against the monotonic one has jumped (NTP at boot).
 CLOCK_JUMP = 30.0
 
@@ -85,6 +95,11 @@ class Sender(Protocol):
 
 class ProviderUnavailable(AgentError):
     """A token fresh enough could not be had because the provider is not answering."""
+
+
+class MinTtlTooLong(AgentError):
+    """No token this provider issues lives as long as was asked: refreshing would not
+    help, and refreshing on every such request would wear the provider and the disk."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +150,8 @@ class Driver:
         self._token_listeners: list[Callable[[Credentials | None], None]] = []
         self._poll: DevicePoll | None = None
         self._loaded = False
+        self._last_refresh: float | None = None    # monotonic time of the last success
+        self._unsaved: Credentials | None = None   # in memory only: the disk write failed
 
     # -- observation -------------------------------------------------------------
 
@@ -177,7 +194,7 @@ class Driver:
         base = Snapshot(
             phase=phase,
             device_name=self.settings.device_name,
-            user=_user_label(creds),
+            user=user_label(creds),
             token_expires_at=self._token_expires_at(),
         )
         snapshot = replace(base, **fields)  # type: ignore[arg-type]
@@ -244,6 +261,11 @@ class Driver:
         left = self.remaining()
         return None if left is None else self._clock.time() + left
 
+    def _still_usable(self) -> bool:
+        """Valid now, or can be made valid by a refresh."""
+        creds = self._credentials
+        return creds is not None and (self._valid() or creds.tokens.refresh_token is not None)
+
     def _valid(self) -> bool:
         if self._credentials is None:
             return False
@@ -260,6 +282,11 @@ class Driver:
         left = self.remaining()
         if left is None or left > min_ttl:
             return self._credentials.tokens
+        tokens = self._credentials.tokens
+        if tokens.expires_at is not None and min_ttl >= tokens.expires_at - tokens.issued_at:
+            raise MinTtlTooLong(
+                f"min_ttl {min_ttl:.0f} s is not below the provider's token lifetime "
+                f"({tokens.expires_at - tokens.issued_at:.0f} s)")
         if self._credentials.tokens.refresh_token is None:
             if left > 0:
                 raise ProviderUnavailable(
@@ -297,10 +324,11 @@ class Driver:
         local state and sign in again. Returns the problems met (revocation is best
         effort: the local wipe happens regardless)."""
         problems: list[str] = []
+        await self.settle(REFRESH_WAIT)  # revoke what a refresh in flight is about to store
         creds = self._credentials
         if creds is not None:
             problems = await self._revoke(creds.tokens)
-        await asyncio.shield(asyncio.to_thread(self._store.clear))
+        await self._clear_store()
         self._set_credentials(None)
         log.info("signed out; local credentials removed")
         self._login_requested = True
@@ -339,7 +367,7 @@ class Driver:
         self._set_credentials(creds, from_disk=True)
         if self._valid():
             log.info("loaded credentials for %s (token %s), valid for %s",
-                     _user_label(creds) or "unknown user", fingerprint(creds.tokens.access_token),
+                     user_label(creds) or "unknown user", fingerprint(creds.tokens.access_token),
                      _duration(self.remaining()))
             self._publish(Phase.SIGNED_IN)
         elif creds.tokens.refresh_token is None:
@@ -440,7 +468,9 @@ class Driver:
                 response, now=self._clock.monotonic(), now_wall=self._clock.time())
             match event:
                 case Throttled(retry_after=hint):
-                    delay = max(throttle_delay, hint or 0.0)
+                    # The provider's hint counts, within the configured ceiling.
+                    delay = min(max(throttle_delay, hint or 0.0),
+                                self.settings.throttle_backoff_max)
                     throttle_delay = min(throttle_delay * 2, self.settings.throttle_backoff_max)
                     log.warning("the provider is rationing device codes (HTTP %d); next try "
                                 "in %s", response.status, _duration(delay))
@@ -450,7 +480,7 @@ class Driver:
                                   next_code_at=self._to_wall(pause_until))
                     continue
                 case ServerTrouble(reason=reason, retry_after=hint):
-                    delay = retry.next_delay(floor=hint or 0.0)
+                    delay = retry.next_delay(floor=min(hint or 0.0, self.settings.retry_max))
                     log.warning("device authorization failed (%s); retrying in %.0f s",
                                 reason, delay)
                     self._publish(Phase.NO_NETWORK, last_error=reason)
@@ -466,7 +496,7 @@ class Driver:
                     phase_while_paused = Phase.CODE_EXPIRED
             outcome = await self._poll_code(DevicePoll(
                 authorization, client=self.settings.client, token_endpoint=endpoints.token))
-            if isinstance(outcome, Denied | Expired) and self._valid():
+            if isinstance(outcome, Denied | Expired) and self._still_usable():
                 # A new sign-in asked for while signed in, and nobody completed it:
                 # the current sign-in stays, rather than a device stuck showing codes
                 # while its token runs out unrefreshed.
@@ -569,7 +599,7 @@ class Driver:
                 "no refresh token was issued, so a new sign-in is needed when this token "
                 "expires; request the offline_access scope, and let the provider grant it "
                 "(authentik: add the offline_access scope mapping to the provider)")
-        log.info("signed in as %s (token %s, valid for %s)", _user_label(creds) or "unknown user",
+        log.info("signed in as %s (token %s, valid for %s)", user_label(creds) or "unknown user",
                  fingerprint(tokens.access_token), _duration(self.remaining()))
         self._publish(Phase.SIGNED_IN)
 
@@ -585,10 +615,40 @@ class Driver:
         one is dead, so the new one must be safe before anyone is handed the new access
         token. Shielded: cancellation must not split the two."""
         async def write_then_use() -> None:
-            await asyncio.to_thread(self._store.save, creds)
+            try:
+                await asyncio.to_thread(self._store.save, creds)
+            except StoreError as exc:
+                # The provider has already revoked the old refresh token: these are the
+                # only valid credentials, so they are used, kept in memory and written
+                # again later, rather than lost with the daemon.
+                log.error("could not save the credentials (%s); keeping them in memory "
+                          "and retrying", exc)
+                self._unsaved = creds
+            else:
+                self._unsaved = None
             self._set_credentials(creds)
 
         await asyncio.shield(write_then_use())
+
+    async def _clear_store(self) -> None:
+        self._unsaved = None
+        try:
+            await asyncio.shield(asyncio.to_thread(self._store.clear))
+        except StoreError as exc:
+            log.error("could not remove the credential file: %s", exc)
+
+    async def _retry_unsaved(self) -> None:
+        creds = self._unsaved
+        if creds is None or creds is not self._credentials:
+            self._unsaved = None
+            return
+        try:
+            await asyncio.shield(asyncio.to_thread(self._store.save, creds))
+        except StoreError as exc:
+            log.warning("the credentials are still not saved: %s", exc)
+        else:
+            self._unsaved = None
+            log.info("the credentials are saved again")
 
     # -- staying signed in -------------------------------------------------------
 
@@ -602,7 +662,12 @@ class Driver:
         margin = self.settings.refresh_margin
         if margin is None:
             margin = self.settings.refresh_margin_ratio * max(lifetime, 0.0)
-        return left - min(margin, max(lifetime, 0.0))
+        # A margin as long as the lifetime would refresh again the moment a refresh
+        # lands; half the lifetime is the most that still lets a token be used.
+        due_in = left - min(margin, 0.5 * max(lifetime, 0.0))
+        if self._last_refresh is not None:
+            due_in = max(due_in, self._last_refresh + MIN_REFRESH_GAP - self._clock.monotonic())
+        return due_in
 
     async def _stay_signed_in(self) -> None:
         retry = Backoff(self.settings.refresh_retry_initial, self.settings.refresh_retry_max,
@@ -617,7 +682,7 @@ class Driver:
                 left = self.remaining() or 0.0
                 if left > 0:
                     with contextlib.suppress(_Interrupted):
-                        await self._wait(left)
+                        await self._wait(min(left, RECHECK_INTERVAL))
                     continue
                 log.info("the token expired and there is no refresh token; signing in anew")
                 self._set_credentials(None)
@@ -627,10 +692,14 @@ class Driver:
                 await self._wait_for_request()
                 return
             if due_in > 0:
+                # In slices: after an NTP jump the stored expiry is re-checked, and a
+                # credential file that could not be written is retried.
                 try:
-                    await self._wait(due_in)
+                    await self._wait(min(due_in, RECHECK_INTERVAL))
                 except _Interrupted:
                     return
+                await self._retry_unsaved()
+                continue
             try:
                 await self.refresh()
             except NotSignedIn:
@@ -663,16 +732,21 @@ class Driver:
         event = receive_refresh(response, previous=creds.tokens, now_wall=self._clock.time())
         match event:
             case Refreshed(tokens=tokens):
+                if self._credentials is not creds:
+                    # Signed out, or signed in anew, while this refresh was in flight:
+                    # its answer belongs to credentials that are gone.
+                    raise NotSignedIn("the credentials changed during the refresh")
                 claims = {**creds.claims, **id_token_claims(tokens.id_token)}
                 new = replace(creds, tokens=tokens, claims=claims)
                 await self._persist(new)
+                self._last_refresh = self._clock.monotonic()
                 log.info("refreshed (token %s, valid for %s)", fingerprint(tokens.access_token),
                          _duration(self.remaining()))
                 self._publish(Phase.SIGNED_IN)
                 return tokens
             case RefreshRejected(error=error):
                 log.warning("the refresh token was refused (%s); signing in anew", error)
-                await asyncio.shield(asyncio.to_thread(self._store.clear))
+                await self._clear_store()
                 if self._credentials is creds:
                     self._set_credentials(None)
                 self._login_requested = True
@@ -721,7 +795,7 @@ class Driver:
         return self._poll
 
 
-def _user_label(creds: Credentials | None) -> str | None:
+def user_label(creds: Credentials | None) -> str | None:
     if creds is None:
         return None
     claims = creds.claims

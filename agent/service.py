@@ -187,6 +187,9 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run
+        # Callers go first (event streams would hold the shutdown); then a refresh in
+        # flight gets its grace to land on disk.
+        await api.close()
         await driver.settle(REFRESH_GRACE)
     finally:
         stop.cancel()

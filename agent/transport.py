@@ -50,7 +50,10 @@ class Transport:
         return self._session
 
     async def send(self, request: HttpRequest) -> HttpResponse:
-        session = self._session_now()
+        try:
+            session = self._session_now()
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSFailed(f"cannot load the CA file {self._ca_file}: {_reason(exc)}") from None
         headers = dict(request.headers)
         data: bytes | None = None
         if request.method == "POST":

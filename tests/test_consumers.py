@@ -19,7 +19,7 @@ from agent.errors import ConfigError
 from agent.hooks import Hook, HookRunner
 from agent.idp import IdentityProvider
 from agent.oauth import TokenSet
-from agent.sinks import render_sink
+from agent.sinks import TokenFile, render_sink
 from agent.state import Phase
 from tests.harness import Running, StartDriver
 
@@ -120,8 +120,10 @@ async def test_hooks_get_argv_events_and_the_token_only_when_asked(
 
     run = await signed_in(start_driver, provider, attach)
     token = (await run.driver.get_token()).access_token
+    await holder[0].flush()
     await runner.drain()
     await run.driver.logout()
+    await holder[0].flush()
     await runner.drain()
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     plain = [r for r in records if r["argv"][0] == "plain"]
@@ -176,3 +178,27 @@ async def test_events_during_a_run_fold_into_one_more_run(tmp_path: Path) -> Non
         runner.fire("token_changed", {})
     await runner.drain()
     assert out.read_text().count("run") == 2
+
+
+async def test_token_changed_hook_runs_after_the_files_are_written(
+        start_driver: StartDriver, provider: IdentityProvider, tmp_path: Path) -> None:
+    class SlowCard(TokenFile):
+        """A token file on an SD card whose fsync takes a while."""
+
+        def write(self, tokens: TokenSet, *, expires_at: float | None) -> None:
+            time.sleep(0.2)
+            super().write(tokens, expires_at=expires_at)
+
+    token_file, seen = tmp_path / "token", tmp_path / "seen"
+    runner = HookRunner((Hook(command=("/bin/sh", "-c", f"cat {token_file} > {seen} 2>&1"),
+                              events=frozenset({"token_changed"})),))
+    holder: list[Consumers] = []
+
+    def attach(run: Running) -> None:
+        holder.append(Consumers(run.driver, [SlowCard(path=token_file)], runner))
+
+    run = await signed_in(start_driver, provider, attach)
+    await holder[0].flush()
+    await runner.drain()
+    assert seen.read_text() == (await run.driver.get_token()).access_token + "\n"
+    await holder[0].aclose()

@@ -17,7 +17,7 @@ from agent.driver import ProviderUnavailable
 from agent.errors import NotSignedIn
 from agent.idp import Answer, Drop, ExpiryMode, Fail, IdentityProvider, ProviderSettings
 from agent.state import Phase
-from agent.store import CredentialStore
+from agent.store import Credentials, CredentialStore
 from tests.clock import ManualClock
 from tests.harness import StartDriver
 
@@ -417,3 +417,109 @@ async def test_unfinished_new_sign_in_keeps_the_current_one(
     run.driver.request_login()
     await asyncio.sleep(0.02)
     assert run.driver.snapshot.phase == Phase.SIGNED_IN
+
+
+async def test_logout_during_a_refresh_in_flight_stays_signed_out(
+        start_driver: StartDriver, provider: IdentityProvider, store_path: Path) -> None:
+    from agent.idp import Delay
+
+    run = await start_driver()
+    await sign_in(run, provider)
+    provider.script("token", Delay(0.2))
+    refresh = asyncio.create_task(run.driver.refresh())
+    await asyncio.sleep(0.05)  # the refresh request is at the provider
+    await run.driver.logout()
+    new = await refresh  # it completed before the revocation
+    assert run.driver.credentials is None
+    assert not store_path.exists()
+    assert not provider.refresh_token_valid(new.refresh_token or "")
+    assert not provider.access_token_valid(new.access_token)
+
+
+async def test_a_margin_longer_than_the_lifetime_does_not_spin(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    provider_settings.access_token_lifetime = 300.0
+    run = await start_driver(refresh_margin=600.0)
+    await sign_in(run, provider)
+    start = run.clock.monotonic()
+    await run.clock.run_until(lambda: refreshes(provider) >= 3)
+    times = [r.at for r in provider.requests if r.form.get("grant_type") == "refresh_token"]
+    # At most half the lifetime early: never back to back.
+    assert times[0] - start >= 149
+    assert all(b - a >= 149 for a, b in pairwise(times))
+
+
+async def test_a_failed_write_after_rotation_keeps_the_sign_in(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider, tmp_path: Path) -> None:
+    from agent.errors import StoreError
+
+    class FullDisk(CredentialStore):
+        full = False
+
+        def save(self, credentials: Credentials) -> None:
+            if self.full:
+                raise StoreError(f"cannot write {self.path}: No space left on device")
+            super().save(credentials)
+
+    provider_settings.access_token_lifetime = 300.0
+    with FullDisk(tmp_path / "disk" / "credentials.json") as disk:
+        run = await start_driver(store_override=disk)
+        await sign_in(run, provider)
+        disk.full = True
+        await run.clock.run_until(lambda: refreshes(provider) == 1)
+        await run.until(lambda s: run.driver.credentials is not None
+                        and provider.refresh_token_valid(
+                            run.driver.credentials.tokens.refresh_token or ""))
+        assert not run.task.done()
+        disk.full = False
+        # Written again on the next check.
+        new = run.driver.credentials
+        assert new is not None
+        await run.clock.run_until(
+            lambda: (new.tokens.refresh_token or "-") in disk.path.read_text())
+        await run.stop()
+
+
+async def test_ntp_jump_after_boot_triggers_a_refresh_soon(
+        start_driver: StartDriver, provider: IdentityProvider, clock: ManualClock) -> None:
+    first = await start_driver()
+    await sign_in(first, provider)
+    await first.stop()
+    clock.advance(86_400 + 600)    # off for a day: the token is long dead
+    clock.jump_wall(-86_400)       # fake-hwclock restored the time of shutdown
+    second = await start_driver()
+    await second.driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN)
+    clock.jump_wall(86_400)        # NTP syncs shortly after boot
+    jumped = clock.monotonic()
+    await second.until(lambda s: refreshes(provider) == 1)
+    assert clock.monotonic() - jumped <= 61
+
+
+async def test_abandoned_new_sign_in_falls_back_to_a_refreshable_one(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    provider_settings.access_token_lifetime = 300.0
+    provider_settings.code_lifetime = 600.0
+    run = await start_driver()
+    await sign_in(run, provider)
+    run.driver.request_login(new_sign_in=True)
+    await run.until_phase(Phase.AWAITING_USER)
+    # Nobody approves; the code outlives the access token, but not the refresh token.
+    await run.until_phase(Phase.SIGNED_IN)
+    await run.until(lambda s: refreshes(provider) >= 1)
+    creds = run.driver.credentials
+    assert creds is not None and provider.refresh_token_valid(creds.tokens.refresh_token or "")
+
+
+async def test_min_ttl_beyond_the_token_lifetime_is_refused_without_a_refresh(
+        start_driver: StartDriver, provider: IdentityProvider) -> None:
+    from agent.driver import MinTtlTooLong
+
+    run = await start_driver()
+    await sign_in(run, provider)
+    for _ in range(3):
+        with pytest.raises(MinTtlTooLong):
+            await run.driver.get_token(7200)
+    assert refreshes(provider) == 0

@@ -340,3 +340,26 @@ def test_every_rule_cites_its_source() -> None:
     for error_class, rule in POLL_RULES.items():
         assert "RFC" in rule.rfc, error_class
     assert POLL_RULES[AccessDenied].action is PollAction.DENIED
+
+
+def test_a_long_provider_interval_is_respected() -> None:
+    # RFC 8628 §3.5: wait "at least" the interval, however long the provider says.
+    assert poller(now=0.0, interval=90, expires_in=900).next_poll_at == 90.0
+
+
+def test_trouble_never_undoes_a_slow_down() -> None:
+    poll = poller(now=100.0, interval=58, expires_in=10_000)
+    poll.receive(error("slow_down"), now=158.0, now_wall=0)
+    assert poll.interval == 63
+    poll.connection_failed("reset", now=221.0)
+    assert poll.interval == 63  # the cap on doubling is not a cap on the provider's pace
+
+
+@pytest.mark.parametrize("value", [1e999, 10**400, -5])
+def test_absurd_numbers_are_a_broken_answer(value: float) -> None:
+    body = json.dumps({"device_code": "d", "user_code": "u", "verification_uri": "https://x",
+                       "expires_in": 60}).replace("60", str(value)).encode()
+    if value == 1e999:
+        body = body.replace(b"inf", b"1e999")
+    event = receive_device_authorization(answer(200, raw=body), now=0)
+    assert isinstance(event, ServerTrouble)

@@ -67,8 +67,6 @@ DEFAULT_INTERVAL = 5.0
 # RFC 8628 §3.5 slow_down: "the interval MUST be increased by 5 seconds for this and
 # all subsequent requests."
 SLOW_DOWN_STEP = 5.0
-# A provider's interval above this is taken as a mistake; polling stays useful.
-MAX_INTERVAL = 60.0
 # Doubling after network trouble stops here, so a code is still polled before it dies.
 MAX_TROUBLE_INTERVAL = 60.0
 
@@ -112,7 +110,7 @@ def _device_answer(response: HttpResponse, *, now: float) -> CodeIssued:
         verification_uri=text["verification_uri"],
         verification_uri_complete=complete,
         expires_in=expires_in,
-        interval=min(interval, MAX_INTERVAL),
+        interval=interval,
         issued_at=now,
     ))
 
@@ -286,6 +284,8 @@ class DevicePoll:
         return Pending(next_poll_at=self.next_poll_at)
 
     def _trouble(self, reason: str, *, now: float, hint: float | None) -> ServerTrouble:
-        self.interval = min(max(self.interval * 2, DEFAULT_INTERVAL), MAX_TROUBLE_INTERVAL)
+        # Doubling stops at the cap, but never undoes what the provider asked for
+        # (its interval, plus every slow_down: "for this and all subsequent requests").
+        self.interval = max(self.interval, min(self.interval * 2, MAX_TROUBLE_INTERVAL))
         self.next_poll_at = now + max(self.interval, hint or 0.0)
         return ServerTrouble(reason=reason, retry_after=self.next_poll_at - now)

@@ -22,8 +22,10 @@ __all__ = [
     "seconds_field",
 ]
 
-# RFC 6749 §5.1 answers are small; anything beyond this is not a token answer.
+# Error descriptions are shown to people; a provider's essay is cut.
 _MAX_DESCRIPTION = 200
+# Ten years: any lifetime or interval beyond it (or infinite) is a broken answer.
+MAX_SECONDS = 10 * 365 * 86_400
 
 
 def form_request(url: str, fields: Mapping[str, str], client: Client, *,
@@ -109,8 +111,10 @@ def seconds_field(body: Mapping[str, Any], key: str) -> float | None:
     # Some providers send numbers as strings; bool is an int in Python but not here.
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise MalformedResponse(f"answer: {key} is not a non-negative number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value <= MAX_SECONDS):
+        raise MalformedResponse(f"answer: {key} is not a number of seconds from 0 to "
+                                f"{MAX_SECONDS}")
     return float(value)
 
 
