@@ -508,9 +508,13 @@ async def test_abandoned_new_sign_in_falls_back_to_a_refreshable_one(
     await run.until_phase(Phase.AWAITING_USER)
     # Nobody approves; the code outlives the access token, but not the refresh token.
     await run.until_phase(Phase.SIGNED_IN)
-    await run.until(lambda s: refreshes(provider) >= 1)
-    creds = run.driver.credentials
-    assert creds is not None and provider.refresh_token_valid(creds.tokens.refresh_token or "")
+
+    def refreshed_and_stored() -> bool:
+        creds = run.driver.credentials
+        return refreshes(provider) >= 1 and creds is not None and (
+            provider.refresh_token_valid(creds.tokens.refresh_token or ""))
+
+    await run.until(lambda s: refreshed_and_stored())
 
 
 async def test_min_ttl_beyond_the_token_lifetime_is_refused_without_a_refresh(

@@ -51,11 +51,13 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.clock import Clock
 from agent.config import OLED_DISPLAY_TYPES, DisplayConfig
+from agent.display.button import BUTTON_OPTIONS
+from agent.display.options import Reader, boolean, integer, kind_of
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,9 +77,7 @@ _PARALLEL: Final = frozenset({"ws0010", "winstar_weh"})
 _SPI_SPEEDS: Final = tuple(int(mhz * 1_000_000) for mhz in (
     0.5, 1, 2, 4, 8, 16, 20, 24, 28, 32, 36, 40, 44, 48, 50, 52))
 # Accepted with every type; agent.display.button reads them.
-_BUTTON_OPTIONS: Final = frozenset({"button_pin", "button_hold", "button_pull_up"})
 
-Reader = Callable[[object, str], Any]
 
 
 def create_display(config: DisplayConfig, *, clock: Clock | None = None) -> Display | None:
@@ -137,7 +137,7 @@ def panel_spec(kind: str, options: Mapping[str, Any]) -> PanelSpec:
                           f"{interface!r} is not one of: {', '.join(choices)} (for {kind})")
     table = {**_PANEL_OPTIONS, **_INTERFACE_OPTIONS[interface]}
     if kind == "ssd1351":
-        table["bgr"] = _boolean
+        table["bgr"] = boolean
     values = _read(kind, options, table, interface=interface)
     spec = PanelSpec(
         type=kind, interface=interface,
@@ -205,32 +205,6 @@ class PanelWithFallback:
 # -- option readers ------------------------------------------------------------------
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
-
-
-def _integer(low: int, high: int) -> Reader:
-    def read(value: object, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = " (write it without quotes)" if isinstance(value, str) else ""
-            raise ConfigError(key, f"expected an integer, got {_kind(value)}{hint}")
-        if not low <= value <= high:
-            raise ConfigError(key, f"must be from {low} to {high}, got {value}")
-        return value
-    return read
-
-
-def _boolean(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {_kind(value)}")
-    return value
-
-
 def _address(value: object, key: str) -> int:
     # YAML reads 0x3C as the integer 60; "0x3C" in quotes is accepted too.
     if isinstance(value, str):
@@ -239,7 +213,7 @@ def _address(value: object, key: str) -> int:
         except ValueError:
             raise ConfigError(key, f"{value!r} is not an I2C address; write 0x3C") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"expected an I2C address such as 0x3C, got {_kind(value)}")
+        raise ConfigError(key, f"expected an I2C address such as 0x3C, got {kind_of(value)}")
     if not 0x03 <= value <= 0x77:
         raise ConfigError(key, f"must be a 7-bit I2C address from 0x03 to 0x77, "
                                f"got 0x{value:02X}")
@@ -256,7 +230,7 @@ def _speed(value: object, key: str) -> int:
 def _pins(value: object, key: str) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) not in (4, 8):
         raise ConfigError(key, "expected a list of 4 or 8 BCM pin numbers")
-    return tuple(_integer(0, 53)(pin, f"{key}[{index}]") for index, pin in enumerate(value))
+    return tuple(integer(0, 53)(pin, f"{key}[{index}]") for index, pin in enumerate(value))
 
 
 def _framebuffer(value: object, key: str) -> str:
@@ -273,28 +247,28 @@ def _png_mode(value: object, key: str) -> str:
 
 
 _PNG_OPTIONS: Final[Mapping[str, Reader]] = {
-    "width": _integer(1, 4096),
-    "height": _integer(1, 4096),
+    "width": integer(1, 4096),
+    "height": integer(1, 4096),
     "mode": _png_mode,
-    "series": _boolean,
-    "scale": _integer(1, 16),
+    "series": boolean,
+    "scale": integer(1, 16),
 }
 _PANEL_OPTIONS: Final[Mapping[str, Reader]] = {
     "interface": lambda value, key: value,  # checked before the table is chosen
-    "width": _integer(1, 1024),
-    "height": _integer(1, 1024),
-    "rotate": _integer(0, 3),
-    "contrast": _integer(0, 255),
+    "width": integer(1, 1024),
+    "height": integer(1, 1024),
+    "rotate": integer(0, 3),
+    "contrast": integer(0, 255),
 }
 _INTERFACE_OPTIONS: Final[Mapping[str, Mapping[str, Reader]]] = {
-    "i2c": {"port": _integer(0, 99), "address": _address},
-    "spi": {"port": _integer(0, 9), "device": _integer(0, 9), "gpio_DC": _integer(0, 53),
-            "gpio_RST": _integer(0, 53), "bus_speed_hz": _speed},
-    "parallel": {"gpio_RS": _integer(0, 53), "gpio_E": _integer(0, 53), "gpio_PINS": _pins},
+    "i2c": {"port": integer(0, 99), "address": _address},
+    "spi": {"port": integer(0, 9), "device": integer(0, 9), "gpio_DC": integer(0, 53),
+            "gpio_RST": integer(0, 53), "bus_speed_hz": _speed},
+    "parallel": {"gpio_RS": integer(0, 53), "gpio_E": integer(0, 53), "gpio_PINS": _pins},
 }
 _FRAMEBUFFER_OPTIONS: Final[Mapping[str, Reader]] = {
     "device": _framebuffer,
-    "bgr": _boolean,
+    "bgr": boolean,
 }
 
 
@@ -303,7 +277,7 @@ def _read(kind: str, options: Mapping[str, Any], table: Mapping[str, Reader], *,
     values: dict[str, Any] = {}
     for name, value in options.items():
         key = f"display.options.{name}"
-        if name in _BUTTON_OPTIONS:
+        if name in BUTTON_OPTIONS:
             continue
         reader = table.get(name)
         if reader is None:
@@ -316,7 +290,7 @@ def _unknown(kind: str, name: str, table: Mapping[str, Reader], interface: str |
     for other, readers in _INTERFACE_OPTIONS.items():
         if name in readers and other != interface:
             return f"applies to interface {other} only; this {kind} uses {interface}"
-    accepted = sorted({*table, *_BUTTON_OPTIONS})
+    accepted = sorted({*table, *BUTTON_OPTIONS})
     close = difflib.get_close_matches(name, accepted, n=1)
     guess = f"did you mean {close[0]!r}? " if close else ""
     known = ", ".join(accepted) if accepted else "none"

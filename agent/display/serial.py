@@ -101,6 +101,7 @@ from agent.clock import Clock, SystemClock
 from agent.config import DisplayConfig
 from agent.display.button import BUTTON_OPTIONS
 from agent.display.console import half_block_lines
+from agent.display.options import Reader, integer, kind_of
 from agent.display.qr import QrMatrix, qr_matrix
 from agent.display.screens import CODE_INSTRUCTION, Screen
 from agent.errors import ConfigError
@@ -901,22 +902,10 @@ _URL_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 _COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _PAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-OptionReader = Callable[[object, str], Any]
-
-
-def _kind_of(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
 def _port(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, "expected a device path such as /dev/ttyUSB0 or /dev/serial0, "
-                               f"or a pyserial URL, got {_kind_of(value)}")
+                               f"or a pyserial URL, got {kind_of(value)}")
     if not value.strip() or "\0" in value:
         raise ConfigError(key, "must be a device path or a pyserial URL")
     match = _URL_SCHEME.match(value)
@@ -930,35 +919,24 @@ def _port(value: object, key: str) -> str:
     return value
 
 
-def _integer(low: int, high: int) -> OptionReader:
-    def read(value: object, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = " (write it without quotes)" if isinstance(value, str) else ""
-            raise ConfigError(key, f"expected an integer, got {_kind_of(value)}{hint}")
-        if not low <= value <= high:
-            raise ConfigError(key, f"must be from {low} to {high}, got {value}")
-        return value
-    return read
-
-
-def _one_of_numbers(*choices: int) -> OptionReader:
+def _one_of_numbers(*choices: int) -> Reader:
     listed = " or ".join(str(choice) for choice in choices)
 
     def read(value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected {listed}, got {_kind_of(value)}")
+            raise ConfigError(key, f"expected {listed}, got {kind_of(value)}")
         if value not in choices:
             raise ConfigError(key, f"must be {listed}, got {value}")
         return value
     return read
 
 
-def _one_of(*choices: str) -> OptionReader:
+def _one_of(*choices: str) -> Reader:
     listed = ", ".join(repr(choice) for choice in choices)
 
     def read(value: object, key: str) -> str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected one of {listed}, got {_kind_of(value)}")
+            raise ConfigError(key, f"expected one of {listed}, got {kind_of(value)}")
         if value.strip().lower() not in choices:
             raise ConfigError(key, f"{value!r} is not one of {listed}")
         return value.strip().lower()
@@ -971,7 +949,7 @@ def _component(value: object, key: str) -> str | None:
     if not isinstance(value, str) or not _COMPONENT.fullmatch(value):
         raise ConfigError(key, "expected a Nextion component name such as tCode or "
                                "page0.tCode, or null when the page has none, got "
-                               + (repr(value) if isinstance(value, str) else _kind_of(value)))
+                               + (repr(value) if isinstance(value, str) else kind_of(value)))
     return value
 
 
@@ -982,13 +960,13 @@ def _page_option(value: object, key: str) -> str:
                                    or _PAGE_NAME.fullmatch(value)):
         return value
     raise ConfigError(key, "expected a page number (0-255) or a page name, got "
-                      + (repr(value) if isinstance(value, str) else _kind_of(value)))
+                      + (repr(value) if isinstance(value, str) else kind_of(value)))
 
 
 def _encoding(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, f"expected an encoding name such as iso-8859-1 or utf-8, "
-                               f"got {_kind_of(value)}")
+                               f"got {kind_of(value)}")
     try:
         codecs.lookup(value)
     except LookupError:
@@ -996,19 +974,19 @@ def _encoding(value: object, key: str) -> str:
     return value
 
 
-_COMMON: Final[Mapping[str, tuple[OptionReader, object]]] = {
+_COMMON: Final[Mapping[str, tuple[Reader, object]]] = {
     "port": (_port, _REQUIRED),
     "flow_control": (_one_of("none", "xonxoff", "rtscts"), "none"),
 }
-_OPTIONS: Final[Mapping[str, Mapping[str, tuple[OptionReader, object]]]] = {
+_OPTIONS: Final[Mapping[str, Mapping[str, tuple[Reader, object]]]] = {
     "terminal": {
-        "baudrate": (_integer(50, 4_000_000), 115_200),
-        "columns": (_integer(20, 400), 80),
-        "rows": (_integer(6, 200), 24),
+        "baudrate": (integer(50, 4_000_000), 115_200),
+        "columns": (integer(20, 400), 80),
+        "rows": (integer(6, 200), 24),
         "charset": (_one_of("utf-8", "ascii"), "utf-8"),
     },
     "nextion": {
-        "baudrate": (_integer(50, 4_000_000), 9600),
+        "baudrate": (integer(50, 4_000_000), 9600),
         "page": (_page_option, "0"),
         "title_component": (_component, "tTitle"),
         "name_component": (_component, "tName"),
@@ -1017,13 +995,13 @@ _OPTIONS: Final[Mapping[str, Mapping[str, tuple[OptionReader, object]]]] = {
         "qr_component": (_component, "qr0"),
         "status_component": (_component, "tStatus"),
         "progress_component": (_component, None),
-        "max_text": (_integer(8, 4096), 100),
-        "qr_max_text": (_integer(16, 4096), 200),
-        "brightness": (_integer(1, 100), 100),
+        "max_text": (integer(8, 4096), 100),
+        "qr_max_text": (integer(16, 4096), 200),
+        "brightness": (integer(1, 100), 100),
         "encoding": (_encoding, "iso-8859-1"),
     },
     "charlcd": {
-        "baudrate": (_integer(50, 4_000_000), 9600),
+        "baudrate": (integer(50, 4_000_000), 9600),
         "columns": (_one_of_numbers(16, 20), 16),
         "rows": (_one_of_numbers(2, 4), 2),
         "protocol": (_one_of("serlcd", "matrix_orbital"), "serlcd"),
