@@ -19,10 +19,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.errors import AgentError, ConfigError, StoreCorrupt, StoreError, StoreInsecure
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 __all__ = ["main"]
 
@@ -71,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_service(config)
 
 
-def _run_service(config: Any, **serve_args: Any) -> int:
+def _run_service(config: AgentConfig, **serve_args: Any) -> int:
     from agent.service import serve
 
     async def main() -> None:
