@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import zxingcpp
 from PIL import Image
 
 from agent.display.qr import QrMatrix, qr_matrix
 
-__all__ = ["scan_matrix", "scan_text"]
+__all__ = ["AUTHENTIK", "HUNDRED", "LONGER_HOST", "URIS", "scan_matrix", "scan_text"]
+
+# The links every display is checked with: authentik's own, a long host, and 100
+# characters, the longest a verification_uri_complete is expected to be.
+AUTHENTIK = "https://auth.example.com/device?code=123456789"
+LONGER_HOST = "https://sso.identity.kitchen-displays.example-company.co.uk/device?code=004815162"
+HUNDRED = "https://auth.example.com/if/flow/default-device-code-flow/?code=123456789&x=" + "a" * 24
+assert len(HUNDRED) == 100
+URIS = pytest.mark.parametrize("uri", [AUTHENTIK, LONGER_HOST, HUNDRED],
+                               ids=["authentik", "longer-host", "100-chars"])
 
 
 def scan_matrix(matrix: QrMatrix, *, quiet: int = 4, scale: int = 4) -> list[str]:

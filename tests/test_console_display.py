@@ -18,15 +18,11 @@ from agent.display.qr import qr_matrix
 from agent.display.screens import Screen, build_screen
 from agent.state import Phase, Snapshot
 from tests.clock import ManualClock
-from tests.qrscan import scan_matrix
+from tests.qrscan import AUTHENTIK, HUNDRED, LONGER_HOST, scan_matrix
 
 NOW_MONO = 10_000.0
 NOW_WALL = datetime(2027, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 
-AUTHENTIK = "https://auth.example.com/device?code=123456789"
-LONGER_HOST = "https://sso.identity.kitchen-displays.example-company.co.uk/device?code=004815162"
-HUNDRED = "https://auth.example.com/if/flow/default-device-code-flow/?code=123456789&x=" + "a" * 24
-assert len(HUNDRED) == 100
 
 SGR = re.compile(r"\x1b\[([0-9;]*)m")
 ANY_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -17,16 +17,11 @@ from agent.display import layout
 from agent.display.layout import Frame, compose, render
 from agent.display.screens import Screen, build_screen
 from agent.state import Phase, Snapshot
+from tests.qrscan import AUTHENTIK, LONGER_HOST, URIS
 
 NOW_MONO = 10_000.0
 NOW_WALL = datetime(2027, 1, 15, 12, 0, tzinfo=UTC).timestamp()
 
-AUTHENTIK = "https://auth.example.com/device?code=123456789"
-LONGER_HOST = "https://sso.identity.kitchen-displays.example-company.co.uk/device?code=004815162"
-HUNDRED = "https://auth.example.com/if/flow/default-device-code-flow/?code=123456789&x=" + "a" * 24
-assert len(HUNDRED) == 100
-URIS = pytest.mark.parametrize("uri", [AUTHENTIK, LONGER_HOST, HUNDRED],
-                               ids=["authentik", "longer-host", "100-chars"])
 
 # (width, height, mode) of the panels the agent supports, and portrait for rotate=1/3.
 QR_GEOMETRIES = [(128, 64, "1"), (256, 64, "L"), (128, 128, "L"), (128, 128, "RGB"),

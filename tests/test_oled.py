@@ -42,10 +42,8 @@ from agent.display.png import PngDisplay
 from agent.display.screens import Screen
 from agent.errors import ConfigError
 from tests.clock import ManualClock
-from tests.test_layout import AUTHENTIK, HUNDRED, LONGER_HOST, code_screen, decode, text_screen
-
-URIS = pytest.mark.parametrize("uri", [AUTHENTIK, LONGER_HOST, HUNDRED],
-                               ids=["authentik", "longer-host", "100-chars"])
+from tests.qrscan import URIS
+from tests.test_layout import code_screen, decode, text_screen
 
 # luma's drivers read pixels with Image.getdata, which Pillow 13 deprecates; the
 # warning is luma's to fix and must not fail the frames it still sends correctly.

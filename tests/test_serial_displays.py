@@ -37,17 +37,11 @@ from agent.display.serial import (
 from agent.errors import ConfigError
 from agent.state import Phase, Snapshot
 from tests.clock import ManualClock
-from tests.qrscan import scan_text
+from tests.qrscan import AUTHENTIK, LONGER_HOST, URIS, scan_text
 
 NOW_MONO = 10_000.0
 NOW_WALL = 1_800_000_000.0
 
-AUTHENTIK = "https://auth.example.com/device?code=123456789"
-LONGER_HOST = "https://sso.identity.kitchen-displays.example-company.co.uk/device?code=004815162"
-HUNDRED = "https://auth.example.com/if/flow/default-device-code-flow/?code=123456789&x=" + "a" * 24
-assert len(HUNDRED) == 100
-URIS = pytest.mark.parametrize("uri", [AUTHENTIK, LONGER_HOST, HUNDRED],
-                               ids=["authentik", "longer-host", "100-chars"])
 
 
 def code_snapshot(complete: str = AUTHENTIK, *, user_code: str | None = None,
