@@ -35,9 +35,9 @@ from agent.accounts import group_id, user_id
 from agent.driver import Driver, MinTtlTooLong, ProviderUnavailable
 from agent.errors import AgentError, NotSignedIn
 from agent.logs import fingerprint
-from agent.state import Phase, Snapshot
+from agent.state import Phase, Snapshot, rfc3339
 
-__all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "rfc3339", "status_document"]
+__all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "status_document"]
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,6 @@ def _peer_groups(sock: socket.socket) -> frozenset[int] | None:
             return None
         return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
     return None
-
-
-def rfc3339(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -30,11 +30,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from agent.errors import ConfigError
+from agent.hooks import HOOK_EVENTS
 
 __all__ = [
     "DISPLAY_TYPES",
     "LOG_LEVELS",
     "OLED_DISPLAY_TYPES",
+    "SINK_FORMATS",
     "AgentConfig",
     "ApiConfig",
     "DeviceConfig",
@@ -64,6 +66,8 @@ DISPLAY_TYPES: Final = frozenset({
     "console", "png", "none", "linux_framebuffer", "terminal", "nextion", "charlcd",
 }) | OLED_DISPLAY_TYPES
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# Token file formats, written by agent.sinks.
+SINK_FORMATS: Final = ("raw", "json", "env")
 
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL; a longer path
 # fails only at bind time, with an error that does not say why.
@@ -698,7 +702,7 @@ def _check_sink(sink: SinkConfig, key: str) -> SinkConfig:
 
 _SINK = _Section(SinkConfig, {
     "path": _path,
-    "format": _choice(("raw", "json", "env")),
+    "format": _choice(SINK_FORMATS),
     "mode": _mode,
     "owner": _optional(_account),
     "group": _optional(_account),
@@ -708,7 +712,7 @@ _SINK = _Section(SinkConfig, {
 
 _HOOK = _Section(HookConfig, {
     "command": _argv,
-    "events": _list(_choice(("token_changed", "signed_in", "sign_in_needed", "signed_out"))),
+    "events": _list(_choice(HOOK_EVENTS)),
     "timeout": _duration(),
     "pass_token": _boolean,
 })

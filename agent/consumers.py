@@ -35,10 +35,9 @@ def _resolve(name: str | None, lookup: Callable[[str], int], key: str, kind: str
 
 
 def token_files_from_config(sinks: Sequence[SinkConfig]) -> list[TokenFile]:
-    return [TokenFile(path=sink.path, format=sink.format, mode=sink.mode,
+    return [TokenFile(sink=sink,
                       uid=_resolve(sink.owner, user_id, f"sinks[{i}].owner", "user"),
-                      gid=_resolve(sink.group, group_id, f"sinks[{i}].group", "group"),
-                      on_logout=sink.on_logout, env_prefix=sink.env_prefix)
+                      gid=_resolve(sink.group, group_id, f"sinks[{i}].group", "group"))
             for i, sink in enumerate(sinks)]
 
 

@@ -60,7 +60,7 @@ from agent.oauth import (
 )
 from agent.oauth.flow import PollEvent
 from agent.pacing import Backoff, CodeBudget
-from agent.state import Phase, Snapshot
+from agent.state import Phase, Snapshot, clock_time
 from agent.store import Credentials, CredentialStore
 
 __all__ = [
@@ -166,10 +166,6 @@ class Driver:
     @property
     def clock(self) -> Clock:
         return self._clock
-
-    @property
-    def endpoints(self) -> Endpoints | None:
-        return self._endpoints
 
     def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
         """`listener` is called on the loop with every new snapshot; it must not block."""
@@ -445,7 +441,7 @@ class Driver:
             if start_at > now:
                 if phase_while_paused == Phase.CODE_EXPIRED and pause_until is None:
                     log.warning("used %d codes in the last hour; next code at %s",
-                                self._budget.used, _wall_clock(self._clock, start_at))
+                                self._budget.used, clock_time(self._to_wall(start_at)))
                 self._publish(phase_while_paused, next_code_at=self._to_wall(start_at),
                               last_error=self._snapshot.last_error)
                 with contextlib.suppress(_Interrupted):
@@ -818,9 +814,3 @@ def _duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _wall_clock(clock: Clock, mono: float) -> str:
-    import time
-
-    return time.strftime("%H:%M", time.localtime(clock.time() + (mono - clock.monotonic())))

@@ -14,25 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.config import SinkConfig
 from agent.fsutil import remove_durably, write_atomic
 from agent.logs import fingerprint
 from agent.oauth import TokenSet
+from agent.state import rfc3339
 
-__all__ = ["SINK_FORMATS", "TokenFile", "render_sink"]
+__all__ = ["TokenFile", "render_sink"]
 
 log = logging.getLogger(__name__)
 
-SINK_FORMATS = ("raw", "json", "env")
 # What an EnvironmentFile= value may hold without quoting: JWTs, opaque tokens.
 _ENV_SAFE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
-
-
-def _rfc3339(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def render_sink(fmt: str, tokens: TokenSet, *, expires_at: float | None,
@@ -43,7 +39,7 @@ def render_sink(fmt: str, tokens: TokenSet, *, expires_at: float | None,
         body = {
             "access_token": tokens.access_token,
             "token_type": tokens.token_type,
-            "expires_at": None if expires_at is None else _rfc3339(expires_at),
+            "expires_at": None if expires_at is None else rfc3339(expires_at),
             "scope": tokens.scope,
         }
         return json.dumps(body, indent=2).encode() + b"\n"
@@ -64,22 +60,24 @@ def render_sink(fmt: str, tokens: TokenSet, *, expires_at: float | None,
 
 @dataclass(frozen=True, kw_only=True)
 class TokenFile:
-    path: Path
-    format: str = "raw"
-    mode: int = 0o600
+    """A configured sink, with its owner and group resolved to ids."""
+
+    sink: SinkConfig
     uid: int | None = None
     gid: int | None = None
-    on_logout: str = "remove"  # "remove" | "empty"
-    env_prefix: str = ""
+
+    @property
+    def path(self) -> Path:
+        return self.sink.path
 
     def write(self, tokens: TokenSet, *, expires_at: float | None) -> None:
-        data = render_sink(self.format, tokens, expires_at=expires_at,
-                           env_prefix=self.env_prefix)
-        write_atomic(self.path, data, mode=self.mode, uid=self.uid, gid=self.gid)
+        data = render_sink(self.sink.format, tokens, expires_at=expires_at,
+                           env_prefix=self.sink.env_prefix)
+        write_atomic(self.path, data, mode=self.sink.mode, uid=self.uid, gid=self.gid)
         log.debug("wrote %s (token %s)", self.path, fingerprint(tokens.access_token))
 
     def clear(self) -> None:
-        if self.on_logout == "empty":
-            write_atomic(self.path, b"", mode=self.mode, uid=self.uid, gid=self.gid)
+        if self.sink.on_logout == "empty":
+            write_atomic(self.path, b"", mode=self.sink.mode, uid=self.uid, gid=self.gid)
         else:
             remove_durably(self.path)

@@ -3,10 +3,11 @@ the display, the local API, systemd's STATUS= line and the hooks."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Phase", "Snapshot", "summary"]
+__all__ = ["Phase", "Snapshot", "clock_time", "rfc3339", "summary"]
 
 
 class Phase(StrEnum):
@@ -40,13 +41,18 @@ class Snapshot:
     last_error: str | None = None
 
 
+def clock_time(when: float) -> str:
+    """A wall-clock time as people read it on the device: local HH:MM."""
+    return time.strftime("%H:%M", time.localtime(when))
+
+
+def rfc3339(when: float) -> str:
+    """A wall-clock time for programs: RFC 3339 in UTC, as the API and token files give it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
 def summary(snapshot: Snapshot, *, now_wall: float) -> str:
     """One line for systemd's STATUS= and the log: what a person needs to act on."""
-    import time
-
-    def clock_time(when: float) -> str:
-        return time.strftime("%H:%M", time.localtime(when))
-
     match snapshot.phase:
         case Phase.AWAITING_USER:
             code = snapshot.user_code or "?"

@@ -195,7 +195,7 @@ async def test_token_changed_hook_runs_after_the_files_are_written(
     holder: list[Consumers] = []
 
     def attach(run: Running) -> None:
-        holder.append(Consumers(run.driver, [SlowCard(path=token_file)], runner))
+        holder.append(Consumers(run.driver, [SlowCard(sink=SinkConfig(path=token_file))], runner))
 
     run = await signed_in(start_driver, provider, attach)
     await holder[0].flush()
