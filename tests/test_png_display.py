@@ -13,7 +13,8 @@ from PIL import Image
 
 from agent.display import Display
 from agent.display.png import PngDisplay
-from tests.test_layout import AUTHENTIK, LONGER_HOST, code_screen, decode, text_screen
+from tests.qrscan import AUTHENTIK, LONGER_HOST
+from tests.test_layout import code_screen, decode, text_screen
 
 
 async def test_the_frame_on_disk_scans(tmp_path: Path) -> None:

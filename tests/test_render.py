@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from agent.display.render import DEFAULT_URI, PANELS, SCREENS, register, synthetic_screen
-from tests.test_layout import HUNDRED, decode
+from tests.qrscan import HUNDRED
+from tests.test_layout import decode
 
 
 def run(*argv: str) -> int:
