@@ -32,7 +32,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.accounts import group_id, user_id
-from agent.driver import Driver, MinTtlTooLong, ProviderUnavailable
+from agent.driver import Driver, MinTtlTooLong, ProviderUnavailable, not_signed_in_reason
 from agent.errors import AgentError, NotSignedIn
 from agent.logs import fingerprint
 from agent.state import Phase, Snapshot, rfc3339
@@ -191,13 +191,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
                 caller.executable)
 
     def not_signed_in(message: str | None = None) -> web.Response:
-        snapshot = driver.snapshot
-        if message is None:
-            message = "not signed in"
-            if snapshot.phase == Phase.AWAITING_USER:
-                message = (f"not signed in yet: enter code {snapshot.user_code} at "
-                           f"{snapshot.verification_uri}")
-        return _error(503, "not_signed_in", message)
+        return _error(503, "not_signed_in", message or not_signed_in_reason(driver.snapshot))
 
     async def get_token(request: web.Request, caller: Caller) -> web.StreamResponse:
         raw = request.query.get("min_ttl", "0")

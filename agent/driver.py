@@ -69,6 +69,7 @@ __all__ = [
     "MinTtlTooLong",
     "ProviderUnavailable",
     "Sender",
+    "not_signed_in_reason",
     "user_label",
 ]
 
@@ -274,7 +275,7 @@ class Driver:
         """A token that lives at least `min_ttl` more seconds, refreshing first when
         needed (one refresh shared by every caller). oidc-agent's min-lifetime idea."""
         if self._credentials is None:
-            raise NotSignedIn(_not_signed_in_reason(self._snapshot))
+            raise NotSignedIn(not_signed_in_reason(self._snapshot))
         left = self.remaining()
         if left is None or left > min_ttl:
             return self._credentials.tokens
@@ -799,7 +800,8 @@ def user_label(creds: Credentials | None) -> str | None:
         "email") or claims.get("sub")
 
 
-def _not_signed_in_reason(snapshot: Snapshot) -> str:
+def not_signed_in_reason(snapshot: Snapshot) -> str:
+    """What to tell a caller who asks for a token now, with the code while one is shown."""
     if snapshot.phase == Phase.AWAITING_USER:
         return f"not signed in yet: enter code {snapshot.user_code} at {snapshot.verification_uri}"
     return f"not signed in ({snapshot.phase.value})"
