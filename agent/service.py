@@ -124,28 +124,25 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
 
     clock = clock or SystemClock()
     stop = asyncio.ensure_future(shutdown)
-    if display is None and use_default_display:
-        # First, so a bad display option stops the agent (exit 78) before it starts.
-        from agent.display.factory import create_display
-
-        try:
-            display = create_display(config.display, clock=clock)
-        except BaseException:
-            stop.cancel()
-            raise
     notifier = Notifier.from_environment()
     store = CredentialStore(config.storage.path)
-    store.open()
     tasks: list[asyncio.Task[None]] = []
     api: ApiServer | None = None
     button: Button | None = None
+    consumers: Consumers | None = None
     transport = Transport(timeout=config.provider.timeout,
                           max_response_bytes=config.provider.max_response_bytes,
                           ca_file=config.provider.ca_file)
     driver = Driver(driver_settings(config), sender=transport, store=store, clock=clock)
-    consumers = Consumers(driver, token_files_from_config(config.sinks),
-                          HookRunner(hooks_from_config(config.hooks)))
     try:
+        if display is None and use_default_display:
+            # First, so a bad display option stops the agent (exit 78) before it starts.
+            from agent.display.factory import create_display
+
+            display = create_display(config.display, clock=clock)
+        store.open()
+        consumers = Consumers(driver, token_files_from_config(config.sinks),
+                              HookRunner(hooks_from_config(config.hooks)))
         def on_change(snapshot: Snapshot) -> None:
             notifier.status(summary(snapshot, now_wall=clock.time()))
 
@@ -200,7 +197,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
                 await task
         if button is not None:
             button.close()
-        await consumers.aclose()
+        if consumers is not None:
+            await consumers.aclose()
         if api is not None:
             await api.close()
         await transport.close()

@@ -72,3 +72,25 @@ async def test_countdown_ticks_then_signed_in_then_blank(
     await asyncio.wait_for(task, 5)
     assert display.started and display.closed
     assert display.kinds()[:2] == ["starting", "code"] or display.kinds()[0] == "code"
+
+
+async def test_a_locked_store_stops_start_up_and_leaves_nothing_running(
+        tmp_path: Path) -> None:
+    import pytest
+
+    from agent.errors import StoreLocked
+    from agent.store import CredentialStore
+
+    config = config_from_mapping({
+        "provider": {"issuer": "http://127.0.0.1:9/application/o/x/", "client_id": "x",
+                     "allow_insecure_http": True},
+        "display": {"type": "none"},
+        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
+    before = asyncio.all_tasks()
+    with CredentialStore(config.storage.path), pytest.raises(StoreLocked):
+        await serve(config, shutdown=asyncio.Event().wait())
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == before
+    assert not (tmp_path / "agent.sock").exists()
