@@ -164,6 +164,20 @@ def open_panel(spec: PanelSpec) -> LumaDevice:
     return device
 
 
+
+# The sizes the parallel-bus controllers come in, their defaults, and what the numbers
+# count.
+_PARALLEL_SIZES: dict[
+    str, tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[str, str]]] = {
+    "ws0010": ("WS0010", (40, 60, 80, 100), (8, 16), (100, 16), ("pixels", "pixels")),
+    "winstar_weh": ("Winstar WEH", (8, 12, 16, 20), (1, 2), (16, 2), ("characters", "lines")),
+}
+
+
+def _or(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
+
+
 def check_geometry(spec: PanelSpec) -> str | None:
     """Why luma would refuse the configured size or rotation, or None.
 
@@ -173,18 +187,14 @@ def check_geometry(spec: PanelSpec) -> str | None:
     """
     if spec.interface == "framebuffer":
         return None  # the kernel driver knows its size; luma reads it from sysfs
-    if spec.type == "ws0010":
+    fixed = _PARALLEL_SIZES.get(spec.type)
+    if fixed is not None:
         # These need a parallel bus even to be built; their sizes are few enough to list.
-        size = (spec.width or 100, spec.height or 16)
-        if size[0] not in (40, 60, 80, 100) or size[1] not in (8, 16):
-            return (f"{size[0]}x{size[1]} is not a WS0010 size "
-                    "(width 40, 60, 80 or 100 pixels; height 8 or 16)")
-        return None
-    if spec.type == "winstar_weh":
-        size = (spec.width or 16, spec.height or 2)
-        if size[0] not in (8, 12, 16, 20) or size[1] not in (1, 2):
-            return (f"{size[0]}x{size[1]} is not a Winstar WEH size "
-                    "(width 8, 12, 16 or 20 characters; height 1 or 2 lines)")
+        name, widths, heights, default, unit = fixed
+        width, height = spec.width or default[0], spec.height or default[1]
+        if width not in widths or height not in heights:
+            return (f"{width}x{height} is not a {name} size (width {_or(widths)} {unit[0]}; "
+                    f"height {_or(heights)} {unit[1]})")
         return None
     from luma.core.error import DeviceDisplayModeError
     from luma.core.interface.serial import noop
