@@ -61,7 +61,14 @@ class SlowDown:
 
 @dataclass(frozen=True, kw_only=True)
 class Approved:
+    """The person approved; the device code was redeemed (RFC 8628 §3.5).
+
+    `notes` names each odd field of the answer and the safe reading applied to it
+    (see `agent.oauth.wire.parse_token_answer`); they never hold a token.
+    """
+
     tokens: TokenSet
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +88,10 @@ class Expired:
 
 @dataclass(frozen=True, kw_only=True)
 class Refreshed:
+    """New tokens from a refresh (RFC 6749 §6); `notes` as for `Approved`."""
+
     tokens: TokenSet
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,7 +43,7 @@ from agent.oauth.wire import (
     form_request,
     parse_error,
     parse_json_object,
-    parse_token_response,
+    parse_token_answer,
     retry_after,
     seconds_field,
 )
@@ -202,13 +202,18 @@ OTHER_ERRORS = PollRule(
 
 
 class DevicePoll:
-    """Polling the token endpoint for one device code (RFC 8628 §3.4–§3.5)."""
+    """Polling the token endpoint for one device code (RFC 8628 §3.4–§3.5).
+
+    `scope` is the scope string sent in the device authorization request: a token
+    answer without `scope` was granted exactly that (RFC 6749 §5.1).
+    """
 
     def __init__(self, authorization: DeviceAuthorization, *, client: Client,
-                 token_endpoint: str) -> None:
+                 token_endpoint: str, scope: str | None = None) -> None:
         self.authorization = authorization
         self._client = client
         self._token_endpoint = token_endpoint
+        self._scope = scope
         self.interval = authorization.interval
         # §3.5: wait at least `interval` before *each* request, the first included.
         self.next_poll_at = authorization.issued_at + self.interval
@@ -235,10 +240,14 @@ class DevicePoll:
 
     def receive(self, response: HttpResponse, *, now: float, now_wall: float) -> PollEvent:
         if response.status == 200:
+            # The code is redeemed by now: only an answer without an access token is
+            # trouble; odd fields get a safe reading and a note.
             try:
-                return Approved(tokens=parse_token_response(response, now_wall=now_wall))
+                tokens, notes = parse_token_answer(response, now_wall=now_wall,
+                                                   requested_scope=self._scope)
             except MalformedResponse as exc:
                 return self._trouble(str(exc), now=now, hint=None)
+            return Approved(tokens=tokens, notes=notes)
         hint = retry_after(response, now_wall=now_wall)
         error = parse_error(response)
         if error is None:

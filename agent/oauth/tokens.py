@@ -20,7 +20,7 @@ from agent.oauth.wire import (
     form_request,
     parse_error,
     parse_json_object,
-    parse_token_response,
+    parse_token_answer,
     retry_after,
 )
 
@@ -56,6 +56,8 @@ def refresh_request(tokens: TokenSet, *, client: Client, token_endpoint: str) ->
 def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: float,
                     ) -> Refreshed | RefreshRejected | Rejected | ServerTrouble:
     """- 200: new tokens; a missing refresh_token means the old one stays (RFC 6749 §6).
+      The provider has rotated by now, so only an answer without an access token is
+      trouble; odd fields get a safe reading and a note (`parse_token_answer`).
     - invalid_grant: the refresh token is dead (expired, revoked, or rotated away).
     - server_error, temporarily_unavailable, 5xx, 429, malformed: try again later.
     - any other error: the provider refuses our client; a new sign-in would not help.
@@ -63,10 +65,11 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
     hint = retry_after(response, now_wall=now_wall)
     if response.status == 200:
         try:
-            return Refreshed(tokens=parse_token_response(
-                response, now_wall=now_wall, previous=previous))
+            tokens, notes = parse_token_answer(response, now_wall=now_wall,
+                                               previous=previous)
         except MalformedResponse as exc:
             return ServerTrouble(reason=str(exc))
+        return Refreshed(tokens=tokens, notes=notes)
     error = parse_error(response)
     if response.status >= 500 or response.status == 429 or isinstance(
             error, ServerError | TemporarilyUnavailable):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +16,12 @@ from agent.errors import MalformedResponse, OAuthError, oauth_error
 from agent.oauth.models import Client, HttpRequest, HttpResponse, TokenSet
 
 __all__ = [
+    "MAX_SECONDS",
+    "ODD_LIFETIME",
     "form_request",
     "parse_error",
     "parse_json_object",
+    "parse_token_answer",
     "parse_token_response",
     "retry_after",
     "seconds_field",
@@ -26,6 +31,16 @@ __all__ = [
 _MAX_DESCRIPTION = 200
 # Ten years: any lifetime or interval beyond it (or infinite) is a broken answer.
 MAX_SECONDS = 10 * 365 * 86_400
+# The lifetime assumed for a token whose `expires_in` is unreadable: short, so the agent
+# refreshes soon instead of trusting a lifetime nobody stated.
+ODD_LIFETIME = 300.0
+# Numbers as text, ASCII only: str.isdigit() and \d accept "²" or other scripts' digits
+# (which int() and float() then refuse), and the length bounds keep a 5000-digit string
+# away from float(). Twelve digits are more than MAX_SECONDS needs.
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+_DELTA_SECONDS = re.compile(r"[0-9]{1,12}")
+# int() refuses literals over 4300 digits (CPython's default limit) with ValueError.
+_MAX_INT_DIGITS = 4000
 
 
 def form_request(url: str, fields: Mapping[str, str], client: Client, *,
@@ -51,14 +66,25 @@ def form_request(url: str, fields: Mapping[str, str], client: Client, *,
 
 def parse_json_object(response: HttpResponse) -> dict[str, Any]:
     try:
-        value = json.loads(response.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(response.body, parse_int=_json_int)
+    # ValueError covers JSONDecodeError and UnicodeDecodeError; a deeply nested body
+    # raises RecursionError, which must not escape the sans-IO core either.
+    except (ValueError, RecursionError) as exc:
         raise MalformedResponse(
             f"HTTP {response.status} answer is not JSON ({type(exc).__name__})"
         ) from None
     if not isinstance(value, dict):
         raise MalformedResponse(f"HTTP {response.status} answer is JSON but not an object")
     return value
+
+
+def _json_int(literal: str) -> int | float:
+    # An integer too long for int() would otherwise throw the whole answer away for one
+    # field. It is unusable as any value we read, and an infinity of the same sign fails
+    # every range check downstream, field by field.
+    if len(literal) <= _MAX_INT_DIGITS:
+        return int(literal)
+    return -math.inf if literal.startswith("-") else math.inf
 
 
 def parse_error(response: HttpResponse) -> OAuthError | None:
@@ -79,75 +105,186 @@ def parse_error(response: HttpResponse) -> OAuthError | None:
 
 
 def retry_after(response: HttpResponse, *, now_wall: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (RFC 9110 §10.2.3): delta-seconds or an HTTP date."""
+    """Seconds from a Retry-After header (RFC 9110 §10.2.3): delta-seconds or an HTTP date.
+
+    delta-seconds is `1*DIGIT`: ASCII digits only, at most twelve of them. An HTTP date
+    needs `now_wall`. Anything unreadable, or a wait beyond MAX_SECONDS, is no hint
+    (None): a header is advice, never a reason to fail or to stall for years.
+    """
     value = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), None)
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    if now_wall is None:
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)
+    elif now_wall is None:
         return None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now_wall)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = max(0.0, when.timestamp() - now_wall)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return seconds if seconds <= MAX_SECONDS else None
 
 
-def _optional_str(body: Mapping[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
+def _seconds(value: object) -> float | None:
+    """`value` as seconds from 0 to MAX_SECONDS, or None when it is not such a number.
+
+    JSON numbers, and decimal strings (some providers quote their numbers). bool is an
+    int in Python but not a number in JSON. A huge int is refused before float(), which
+    would raise OverflowError on it.
+    """
+    if isinstance(value, bool):
         return None
-    if not isinstance(value, str):
-        raise MalformedResponse(f"token answer: {key} is not a string")
-    return value or None
+    if isinstance(value, str):
+        text = value.strip(" \t\r\n")
+        if _DECIMAL.fullmatch(text) is None:
+            return None
+        number = float(text)
+    elif isinstance(value, int):
+        if not 0 <= value <= MAX_SECONDS:
+            return None
+        number = float(value)
+    elif isinstance(value, float):
+        number = value
+    else:
+        return None
+    return number if math.isfinite(number) and 0 <= number <= MAX_SECONDS else None
 
 
 def seconds_field(body: Mapping[str, Any], key: str) -> float | None:
+    """A number of seconds, None when absent; MalformedResponse for anything else.
+
+    Used for the device authorization answer, where nothing has been spent yet: asking
+    for a new code is the safe reaction to a nonsensical lifetime or interval.
+    """
     value = body.get(key)
     if value is None:
         return None
-    # Some providers send numbers as strings; bool is an int in Python but not here.
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            0 <= value <= MAX_SECONDS):
+    seconds = _seconds(value)
+    if seconds is None:
         raise MalformedResponse(f"answer: {key} is not a number of seconds from 0 to "
                                 f"{MAX_SECONDS}")
-    return float(value)
+    return seconds
 
 
-def parse_token_response(response: HttpResponse, *, now_wall: float,
-                         previous: TokenSet | None = None) -> TokenSet:
-    """A successful token answer (RFC 6749 §5.1).
+def _kind(value: object) -> str:
+    """The JSON type of `value`, for a note: never the value, which may be a secret."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else type(value).__name__
 
-    On refresh, RFC 6749 §6 lets the provider omit `refresh_token` (authentik does so
-    when its rotation threshold is set): the old one stays valid and is kept. The same
-    holds for `id_token` and `scope` (§5.1: scope omitted means unchanged).
+
+def _token_type(body: Mapping[str, Any], notes: list[str]) -> str:
+    value = body.get("token_type")
+    if isinstance(value, str) and value:
+        # RFC 6749 §5.1: the type is case-insensitive; "Bearer" is what RFC 6750 prints.
+        return "Bearer" if value.lower() == "bearer" else value
+    what = ("missing" if value is None else "empty" if value == ""
+            else f"{_kind(value)}, not a string")
+    notes.append(f"token_type is {what}; assuming Bearer")
+    return "Bearer"
+
+
+def _lifetime(body: Mapping[str, Any], notes: list[str]) -> float | None:
+    if body.get("expires_in") is None:
+        return None
+    seconds = _seconds(body["expires_in"])
+    if seconds is None:
+        notes.append("expires_in is not a usable number of seconds; "
+                     f"assuming {ODD_LIFETIME:.0f} s")
+        return ODD_LIFETIME
+    return seconds
+
+
+def _text(body: Mapping[str, Any], key: str, notes: list[str], *,
+          instead: str) -> str | None:
+    """An optional string field; "" counts as absent, another type is noted as such."""
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        return value or None
+    notes.append(f"{key} is {_kind(value)}, not a string; treated as absent: {instead}")
+    return None
+
+
+def _scope(body: Mapping[str, Any], notes: list[str], *, instead: str) -> str | None:
+    value = body.get("scope")
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        notes.append("scope is a JSON list, not a space-delimited string (RFC 6749 §3.3); "
+                     "joined with spaces")
+        return " ".join(item for item in value if item) or None
+    return _text(body, "scope", notes, instead=instead)
+
+
+def parse_token_answer(response: HttpResponse, *, now_wall: float,
+                       previous: TokenSet | None = None, requested_scope: str | None = None,
+                       ) -> tuple[TokenSet, tuple[str, ...]]:
+    """A successful token answer (RFC 6749 §5.1), and a note for every odd field.
+
+    By the time this answer is read, the provider has redeemed the device code or
+    rotated the refresh token: throwing the answer away loses the sign-in for good. So
+    only an answer without anything usable is refused; every other field has a safe
+    reading. `previous` is the token set being refreshed (None on redemption);
+    `requested_scope` the scope string sent in the authorization request.
+
+    - access_token missing, empty or not a string: MalformedResponse, the only failure.
+    - token_type missing, empty or not a string: "Bearer". It is REQUIRED, but RFC 6750
+      is the only type this agent uses, and authentik always sends Bearer. Other
+      strings are kept, "bearer" in any case becomes "Bearer" (§5.1: case-insensitive).
+    - expires_in: a number, or a decimal string, from 0 to MAX_SECONDS. Absent: an
+      unknown lifetime (it is RECOMMENDED, not REQUIRED). Anything else (negative,
+      absurd, not finite, a boolean, not a plain decimal): ODD_LIFETIME, so the agent
+      refreshes soon rather than trusting or discarding the token.
+    - scope: a string as is; a list of strings joined by spaces (§3.3 defines a
+      space-delimited string; some providers send the list). Absent or another type:
+      the previous scope on refresh, `requested_scope` on redemption (§5.1: OPTIONAL
+      "if identical to the scope requested by the client", and §6 for a refresh).
+    - refresh_token, id_token: a non-empty string is the new one. Absent, empty or
+      another type: the previous one on refresh (§6: the provider MAY issue a new
+      refresh token; authentik omits it when its rotation threshold is set), none on
+      redemption.
+
+    Notes name the field and the rule applied, never a value: values may be tokens.
     """
     body = parse_json_object(response)
     access_token = body.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise MalformedResponse("token answer: access_token is missing")
-    token_type = body.get("token_type")
-    if not isinstance(token_type, str) or not token_type:
-        raise MalformedResponse("token answer: token_type is missing")
-    expires_in = seconds_field(body, "expires_in")
-    refresh_token = _optional_str(body, "refresh_token")
-    id_token = _optional_str(body, "id_token")
-    scope = _optional_str(body, "scope")
+    notes: list[str] = []
+    token_type = _token_type(body, notes)
+    lifetime = _lifetime(body, notes)
+    kept = "the previous one is kept" if previous is not None else "there is none"
+    refresh_token = _text(body, "refresh_token", notes, instead=kept)
+    id_token = _text(body, "id_token", notes, instead=kept)
+    scope = _scope(body, notes, instead=(
+        "the previous scope is kept" if previous is not None
+        else "the requested scope is assumed" if requested_scope else "there is none"))
     if previous is not None:
         refresh_token = refresh_token or previous.refresh_token
         id_token = id_token or previous.id_token
         scope = scope or previous.scope
-    return TokenSet(
+    tokens = TokenSet(
         access_token=access_token,
-        # RFC 6749 §5.1: the type is case-insensitive; "Bearer" is what RFC 6750 prints.
-        token_type="Bearer" if token_type.lower() == "bearer" else token_type,
+        token_type=token_type,
         issued_at=now_wall,
-        expires_at=None if expires_in is None else now_wall + expires_in,
+        expires_at=None if lifetime is None else now_wall + lifetime,
         refresh_token=refresh_token,
         id_token=id_token,
-        scope=scope,
+        scope=scope or requested_scope or None,
     )
+    return tokens, tuple(notes)
+
+
+def parse_token_response(response: HttpResponse, *, now_wall: float,
+                         previous: TokenSet | None = None,
+                         requested_scope: str | None = None) -> TokenSet:
+    """`parse_token_answer` without the notes."""
+    return parse_token_answer(response, now_wall=now_wall, previous=previous,
+                              requested_scope=requested_scope)[0]
