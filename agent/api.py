@@ -32,9 +32,10 @@ from aiohttp import web
 
 from agent import __version__
 from agent.accounts import group_id, user_id
-from agent.driver import Driver, MinTtlTooLong, ProviderUnavailable, not_signed_in_reason
-from agent.errors import AgentError, NotSignedIn
+from agent.driver import Driver
+from agent.errors import AgentError, MinTtlTooLong, NotSignedIn, ProviderUnavailable
 from agent.logs import fingerprint
+from agent.session import IllegalInput, not_signed_in_reason
 from agent.state import Phase, Snapshot, rfc3339
 
 __all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "status_document"]
@@ -268,8 +269,10 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         return response
 
     async def post_login(request: web.Request, caller: Caller) -> web.StreamResponse:
-        next_at = driver.request_login(new_sign_in=True)
-        wait = max(0.0, next_at - driver.clock.monotonic())
+        try:
+            wait = await driver.login(new_sign_in=True)
+        except IllegalInput as exc:
+            return _error(503, "stopping", str(exc))
         log.info("api: new sign-in requested by uid %d (%s)", caller.uid, caller.executable)
         return web.json_response(
             {"accepted": True, "next_code_in": int(wait),
@@ -291,7 +294,10 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
 
     async def post_logout(request: web.Request, caller: Caller) -> web.StreamResponse:
         log.info("api: sign-out requested by uid %d (%s)", caller.uid, caller.executable)
-        problems = await driver.logout()
+        try:
+            problems = await driver.logout()
+        except IllegalInput as exc:
+            return _error(503, "stopping", str(exc))
         return web.json_response({"signed_out": True, "problems": problems})
 
     route("GET", "/v1/token", READ, get_token)

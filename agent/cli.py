@@ -229,9 +229,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
     if status != EX_OK:
         return _fail(body["message"], status)
     if args.command == "login":
-        wait = body.get("next_code_in", 0)
-        print("a new code is on the screen" if wait == 0 else
-              f"the code budget is spent; the next code comes at {body.get('next_code_at')}")
+        if body.get("next_code_in", 0) > 0:
+            # Not an error of the caller's, but no code is on the screen: scripts
+            # must be able to tell.
+            return _fail(f"no code now: the next one can come at {body.get('next_code_at')}",
+                         EX_TEMPFAIL)
+        print("a new code is on the screen")
     elif args.command == "logout":
         print("signed out")
         for problem in body.get("problems", []):

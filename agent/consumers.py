@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 
 from agent.accounts import group_id, user_id
 from agent.config import HookConfig, SinkConfig
-from agent.driver import Driver, user_label
+from agent.driver import Driver
 from agent.errors import ConfigError
 from agent.hooks import Hook, HookRunner
+from agent.session import user_label
 from agent.sinks import TokenFile
 from agent.state import Phase, Snapshot
 from agent.store import Credentials

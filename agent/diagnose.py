@@ -8,19 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, DiscoveryFailed
+from agent.errors import AgentError
 from agent.oauth import (
     CodeIssued,
     Endpoints,
     Rejected,
     ServerTrouble,
     Throttled,
-    authentik_endpoints,
     device_authorization_request,
-    discovery_requests,
-    parse_discovery,
     receive_device_authorization,
 )
+from agent.oauth.discovery import Discovery
 from agent.service import driver_settings
 from agent.transport import Transport
 
@@ -45,41 +43,38 @@ class Finding:
 
 async def _discover(config: AgentConfig, transport: Transport,
                     findings: list[Finding]) -> Endpoints | None:
-    issuer = config.provider.issuer
-    if issuer is None:
-        findings.append(Finding(level="ok", message="explicit endpoints; discovery skipped"))
-        return driver_settings(config).endpoints
-    for request in discovery_requests(issuer):
+    """The same sequence, and the same merge with the configured endpoints, as the
+    daemon's (`agent.oauth.discovery.Discovery`)."""
+    settings = driver_settings(config)
+    discovery = Discovery(settings.issuer, settings.endpoints,
+                          allow_insecure_http=settings.allow_insecure_http)
+    step = discovery.first()
+    while step.request is not None:
+        request = step.request
         try:
             response = await transport.send(request)
         except AgentError as exc:
             findings.append(Finding(level="error", message=f"{request.url}: {exc}",
                                     fix="check the network, the host name and provider.ca_file"))
             return None
-        if response.status == 404:
-            continue
-        try:
-            endpoints = parse_discovery(
-                response, issuer=issuer,
-                allow_insecure_http=config.provider.allow_insecure_http)
-        except DiscoveryFailed as exc:
-            fallback = authentik_endpoints(issuer)
-            if fallback is None or "device_authorization_endpoint" not in str(exc):
-                findings.append(Finding(level="error", message=str(exc)))
-                return None
-            findings.append(Finding(
-                level="warning", message="discovery lacks device_authorization_endpoint",
-                fix="upgrade authentik to 2022.10 or later; using /application/o/device/"))
-            endpoints = parse_discovery(
-                response, issuer=issuer, allow_insecure_http=config.provider.allow_insecure_http,
-                fallback=fallback)
-        findings.append(Finding(level="ok", message=f"discovery at {request.url}"))
-        return endpoints
-    findings.append(Finding(
-        level="error", message=f"no metadata document under {issuer}",
-        fix="the issuer for authentik is https://HOST/application/o/SLUG/ (the application's "
-        "slug, with the trailing slash)"))
-    return None
+        step = discovery.receive(response)
+        if step.endpoints is not None:
+            findings.append(Finding(level="ok", message=f"discovery at {request.url}"))
+    if step.endpoints is None:
+        fix = None
+        if step.misconfigured and "no metadata document" in str(step.error):
+            fix = ("the issuer for authentik is https://HOST/application/o/SLUG/ (the "
+                   "application's slug, with the trailing slash)")
+        elif step.misconfigured and "issuer" in str(step.error):
+            fix = "set provider.issuer to the issuer the provider names"
+        findings.append(Finding(level="error", message=str(step.error), fix=fix))
+        return None
+    if settings.issuer is None:
+        findings.append(Finding(level="ok", message="explicit endpoints; discovery skipped"))
+    for note in step.notes:
+        if note.startswith("no metadata"):
+            findings.append(Finding(level="warning", message=note))
+    return step.endpoints
 
 
 def _check_metadata(config: AgentConfig, endpoints: Endpoints, findings: list[Finding]) -> None:

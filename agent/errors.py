@@ -23,7 +23,10 @@ No message ever carries a token, a device code or a secret.
     │   ├── UnsupportedGrantType  InvalidScope  AccessDenied  ExpiredToken
     │   ├── AuthorizationPending  SlowDown  ServerError  TemporarilyUnavailable
     │   └── UnknownOAuthError        any code not in the table
-    └── NotSignedIn                  no valid token to hand out
+    ├── NotSignedIn                  no valid token to hand out
+    ├── ProviderUnavailable          no token fresh enough: the provider is not answering
+    ├── MinTtlTooLong                no token this provider issues lives that long
+    └── IllegalInput                 (agent.session) an input the lifecycle does not accept
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ __all__ = [
     "InvalidRequest",
     "InvalidScope",
     "MalformedResponse",
+    "MinTtlTooLong",
     "NotSignedIn",
     "OAuthError",
     "ProviderError",
+    "ProviderUnavailable",
     "RequestTimeout",
     "ResponseTooLarge",
     "ServerError",
@@ -124,6 +129,15 @@ class MalformedResponse(ProviderError):
 
 class NotSignedIn(AgentError):
     pass
+
+
+class ProviderUnavailable(AgentError):
+    """A token fresh enough could not be had because the provider is not answering."""
+
+
+class MinTtlTooLong(AgentError):
+    """No token this provider issues lives as long as was asked: refreshing would not
+    help, and refreshing on every such request would wear the provider and the disk."""
 
 
 class OAuthError(AgentError):

@@ -6,20 +6,31 @@ reaches the disk (`fsync`), and is then renamed over the old name, and the renam
 itself is made durable by syncing the directory. The file never exists, even for an
 instant, with more permission bits than asked for.
 
-Functions here raise plain `OSError`; callers translate it into their own errors.
+It also holds the checks every reader of such a file makes: that the file and its
+directory are the user's own and closed to others, so that secrets in them have not
+been read, and content in them has not been planted, by someone else.
+
+Functions here raise plain `OSError`, and `UnsafeFile` when a check fails; callers
+translate both into their own errors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 __all__ = [
+    "Problem",
+    "UnsafeFile",
+    "check_private_directory",
     "fsync_dir",
+    "read_private",
     "remove_durably",
     "remove_stale_temps",
     "temp_path",
@@ -149,3 +160,99 @@ def remove_stale_temps(path: Path) -> int:
     if removed:
         fsync_dir(path.parent)
     return removed
+
+
+# -- safety checks for reading -----------------------------------------------------
+
+
+class Problem(enum.Enum):
+    """Why `UnsafeFile` was raised."""
+
+    SYMLINK = "is a symbolic link"
+    NOT_A_DIRECTORY = "is not a directory"
+    NOT_REGULAR = "is not a regular file"
+    OTHER_OWNER = "belongs to another user"
+    # For a file: readable or writable by group or others. For a directory: writable
+    # by them (they could swap the file); merely readable is fine, the file is 0600.
+    OPEN_TO_OTHERS = "is open to other users"
+    TOO_LARGE = "is too large"
+
+
+class UnsafeFile(Exception):
+    """`path` failed a safety check. `st` is what was found, so that the caller can
+    name the mode or owner in its own words."""
+
+    def __init__(self, path: Path, problem: Problem, st: os.stat_result) -> None:
+        self.path = path
+        self.problem = problem
+        self.st = st
+        super().__init__(f"{path} {problem.value}")
+
+
+def check_private_directory(directory: Path) -> bool:
+    """False when `directory` does not exist; raises UnsafeFile when it is no directory,
+    belongs to another user or others can write to it, OSError when it cannot be
+    inspected."""
+    try:
+        # Followed on purpose: systemd's StateDirectory= with DynamicUser= is a
+        # symlink into /var/lib/private, and the target is what must be safe.
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeFile(directory, Problem.NOT_A_DIRECTORY, st)
+    if st.st_uid != os.geteuid():
+        raise UnsafeFile(directory, Problem.OTHER_OWNER, st)
+    # Checked from the mode bits, not os.access(): root passes every access check.
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeFile(directory, Problem.OPEN_TO_OTHERS, st)
+    return True
+
+
+def read_private(path: Path, max_size: int) -> bytes | None:
+    """The content of `path`, or None when there is no such file.
+
+    Raises UnsafeFile when it is a symlink, not a regular file, owned by another user,
+    readable or writable by others, or longer than `max_size` bytes; OSError for other
+    trouble. Nothing of the content is read before the checks pass.
+    """
+    try:
+        # O_NOFOLLOW: a symlink would be read here but replaced by write_atomic, and may
+        # point at a file of someone else. O_NONBLOCK: a FIFO must not hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # A symlink fails with ELOOP; a file of another user may fail with EACCES and is
+        # unsafe whatever its mode. Other trouble is the caller's to report.
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafeFile(path, Problem.SYMLINK, st) from None
+        if st is not None and st.st_uid != os.geteuid():
+            raise UnsafeFile(path, Problem.OTHER_OWNER, st) from None
+        raise
+    try:
+        # Checked on the open descriptor, so the file cannot be swapped in between.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(path, Problem.NOT_REGULAR, st)
+        if st.st_uid != os.geteuid():
+            raise UnsafeFile(path, Problem.OTHER_OWNER, st)
+        if st.st_mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH):
+            raise UnsafeFile(path, Problem.OPEN_TO_OTHERS, st)
+        if st.st_size > max_size:
+            raise UnsafeFile(path, Problem.TOO_LARGE, st)
+        chunks: list[bytes] = []
+        total = 0
+        # Bounded again while reading: the file may grow after the fstat.
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_size:
+                raise UnsafeFile(path, Problem.TOO_LARGE, st)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

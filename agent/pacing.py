@@ -16,9 +16,9 @@ HOUR = 3600.0
 class CodeBudget:
     """At most `per_hour` new device codes in any rolling hour.
 
-    authentik's device endpoint allows 20 requests an hour per address, counts failed
-    ones too, and then refuses everyone behind that address (all devices behind one
-    NAT share the bucket); a code nobody uses is spent all the same.
+    authentik's device endpoint allows 20 accepted requests in any rolling hour per
+    address, and then refuses everyone behind that address (all devices behind one NAT
+    share the bucket); a code nobody uses is spent all the same.
     """
 
     def __init__(self, per_hour: int) -> None:
@@ -41,6 +41,17 @@ class CodeBudget:
     def spend(self, now: float) -> None:
         self._forget_old(now)
         self._spent.append(now)
+
+    def refund(self) -> None:
+        """The last request was refused (authentik's 429): its throttle does not count
+        refused requests, so neither does the budget."""
+        if self._spent:
+            self._spent.pop()
+
+    @property
+    def spent(self) -> tuple[float, ...]:
+        """When the codes of the last hour were asked for (monotonic)."""
+        return tuple(self._spent)
 
     @property
     def used(self) -> int:

@@ -17,9 +17,11 @@ from agent.clock import Clock, SystemClock
 from agent.config import AgentConfig
 from agent.consumers import Consumers, hooks_from_config, token_files_from_config
 from agent.display import Display
-from agent.driver import Driver, DriverSettings
+from agent.driver import Driver
 from agent.hooks import HookRunner
-from agent.oauth import Client, Endpoints
+from agent.oauth import Client
+from agent.oauth.discovery import ExplicitEndpoints
+from agent.session import SessionSettings
 from agent.state import Phase, Snapshot, summary
 from agent.store import CredentialStore
 from agent.systemd import Notifier, listen_sockets, run_watchdog, watchdog_interval
@@ -36,23 +38,20 @@ log = logging.getLogger(__name__)
 REFRESH_GRACE = 1.5
 
 
-def driver_settings(config: AgentConfig) -> DriverSettings:
+def driver_settings(config: AgentConfig) -> SessionSettings:
     provider = config.provider
-    endpoints = None
-    if provider.device_authorization_endpoint and provider.token_endpoint:
-        endpoints = Endpoints(
-            issuer=provider.issuer,
-            device_authorization=provider.device_authorization_endpoint,
-            token=provider.token_endpoint,
-            revocation=provider.revocation_endpoint,
-            userinfo=provider.userinfo_endpoint,
-        )
-    return DriverSettings(
+    return SessionSettings(
         client=Client(client_id=provider.client_id, client_secret=provider.client_secret),
         scopes=provider.scopes,
         device_name=config.device.name,
         issuer=provider.issuer,
-        endpoints=endpoints,
+        # Each one given wins; the rest come from discovery (check-provider reads the same).
+        endpoints=ExplicitEndpoints(
+            device_authorization=provider.device_authorization_endpoint,
+            token=provider.token_endpoint,
+            revocation=provider.revocation_endpoint,
+            userinfo=provider.userinfo_endpoint,
+        ),
         allow_insecure_http=provider.allow_insecure_http,
         codes_per_hour=config.sign_in.codes_per_hour,
         throttle_backoff=config.sign_in.throttle_backoff,
@@ -63,6 +62,7 @@ def driver_settings(config: AgentConfig) -> DriverSettings:
         refresh_margin_ratio=config.refresh.margin_ratio,
         refresh_retry_initial=config.refresh.retry_initial,
         refresh_retry_max=config.refresh.retry_max,
+        button="button_pin" in config.display.options,
     )
 
 
@@ -84,13 +84,12 @@ async def _drive_display(display: Display, driver: Driver, clock: Clock,
                 signed_in_since = now
             blank_at = (None if signed_in_since is None or blank_after is None
                         else signed_in_since + blank_after)
-            poll = driver.poll
             if blank_at is not None and now >= blank_at:
                 screen = BLANK_SCREEN
             else:
                 screen = build_screen(
                     snapshot, now_mono=now, now_wall=clock.time(),
-                    code_lifetime=poll.authorization.expires_in if poll else None)
+                    code_lifetime=snapshot.code_lifetime)
             try:
                 await display.show(screen)
             except Exception:
@@ -181,13 +180,13 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             run.result()  # the driver never returns; re-raise what stopped it
         log.info("stopping")
         notifier.stopping("Stopping")
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
         # Callers go first (event streams would hold the shutdown); then a refresh in
         # flight gets its grace to land on disk.
         await api.close()
-        await driver.settle(REFRESH_GRACE)
+        await driver.stop(REFRESH_GRACE)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
     finally:
         stop.cancel()
         for task in tasks:
@@ -201,6 +200,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             await consumers.aclose()
         if api is not None:
             await api.close()
+        await driver.aclose()
         await transport.close()
         store.close()
         notifier.close()

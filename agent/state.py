@@ -17,6 +17,7 @@ class Phase(StrEnum):
     CODE_EXPIRED = "code_expired"        # waiting for the next code (budget, back-off)
     THROTTLED = "throttled"              # the device endpoint said 429/slow_down
     DENIED = "denied"                    # the person refused; waiting before a new code
+    NEEDS_BUTTON = "needs_button"        # codes expired unused: a press asks for the next
     SIGNED_IN = "signed_in"
     REFRESH_FAILING = "refresh_failing"  # still serving the old token while it lives
     CONFIG_ERROR = "config_error"        # the provider rejects our client setup
@@ -37,6 +38,7 @@ class Snapshot:
     verification_uri_complete: str | None = None
     code_expires_at: float | None = None
     code_deadline: float | None = None
+    code_lifetime: float | None = None   # the code's expires_in, for a countdown bar
     next_code_at: float | None = None
     last_error: str | None = None
 
@@ -58,7 +60,8 @@ def summary(snapshot: Snapshot, *, now_wall: float) -> str:
             code = snapshot.user_code or "?"
             if code.isdigit() and len(code) == 9:
                 code = f"{code[:3]} {code[3:6]} {code[6:]}"
-            return f"Waiting for sign-in: code {code} at {snapshot.verification_uri}"
+            still = f"; still signed in as {snapshot.user}" if snapshot.user else ""
+            return f"Waiting for sign-in: code {code} at {snapshot.verification_uri}{still}"
         case Phase.SIGNED_IN:
             who = snapshot.user or "unknown user"
             if snapshot.token_expires_at is None:
@@ -74,6 +77,8 @@ def summary(snapshot: Snapshot, *, now_wall: float) -> str:
             if snapshot.next_code_at is None:
                 return f"{what}; request a new code with `device-agent login`"
             return f"{what}; next code at {clock_time(snapshot.next_code_at)}"
+        case Phase.NEEDS_BUTTON:
+            return "Codes expired unused; press the button (or `device-agent login`) to sign in"
         case Phase.NO_NETWORK:
             return f"Provider unreachable: {snapshot.last_error}; retrying"
         case Phase.CONFIG_ERROR:

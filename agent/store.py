@@ -33,7 +33,15 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked
-from agent.fsutil import remove_durably, remove_stale_temps, write_atomic
+from agent.fsutil import (
+    Problem,
+    UnsafeFile,
+    check_private_directory,
+    read_private,
+    remove_durably,
+    remove_stale_temps,
+    write_atomic,
+)
 from agent.oauth.models import TokenSet
 
 __all__ = ["FORMAT_VERSION", "CredentialStore", "Credentials"]
@@ -128,26 +136,21 @@ class CredentialStore:
         """False when the directory does not exist; raises when it is unsafe."""
         directory = self._path.parent
         try:
-            # Followed on purpose: systemd's StateDirectory= with DynamicUser= is a
-            # symlink into /var/lib/private, and the target is what must be safe.
-            st = os.stat(directory)
-        except FileNotFoundError:
-            return False
+            return check_private_directory(directory)
         except OSError as exc:
             raise StoreError(f"cannot inspect {directory}: {_reason(exc)}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"{directory} is not a directory")
-        euid = os.geteuid()
-        if st.st_uid != euid:
-            raise StoreInsecure(
-                f"{directory} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
-                f"fix: chown {euid} {directory}")
-        # Checked from the mode bits, not os.access(): root passes every access check.
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StoreInsecure(
-                f"{directory} is writable by other users (mode {_mode(st.st_mode)}), who "
-                f"could replace the credentials; fix: chmod go-w {directory}")
-        return True
+        except UnsafeFile as unsafe:
+            st = unsafe.st
+            euid = os.geteuid()
+            if unsafe.problem is Problem.OTHER_OWNER:
+                raise StoreInsecure(
+                    f"{directory} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
+                    f"fix: chown {euid} {directory}") from None
+            if unsafe.problem is Problem.OPEN_TO_OTHERS:
+                raise StoreInsecure(
+                    f"{directory} is writable by other users (mode {_mode(st.st_mode)}), who "
+                    f"could replace the credentials; fix: chmod go-w {directory}") from None
+            raise StoreError(f"{directory} {unsafe.problem.value}") from None
 
     def _lock(self) -> int:
         try:
@@ -196,48 +199,33 @@ class CredentialStore:
     def _read(self) -> bytes | None:
         path = self._path
         try:
-            # O_NOFOLLOW: a symlink would be read here but replaced by save(), and may
-            # point at a file of someone else. O_NONBLOCK: a FIFO must not hang us.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if os.path.islink(path):
-                raise StoreInsecure(
-                    f"{path} is a symbolic link; the credentials must be a regular file "
-                    f"(fix: replace it with the file it points to)") from None
-            raise StoreError(f"cannot read {path}: {_reason(exc)}") from None
-        try:
-            # Checked on the open descriptor, so the file cannot be swapped in between.
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise StoreCorrupt(f"{path} is not a regular file")
-            euid = os.geteuid()
-            if st.st_uid != euid:
-                raise StoreInsecure(
-                    f"{path} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
-                    f"its tokens may be known to others: fix: chown {euid} {path}, "
-                    f"or sign in again after deleting it")
-            if st.st_mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH):
-                raise StoreInsecure(
-                    f"{path} is open to other users (mode {_mode(st.st_mode)}); "
-                    f"fix: chmod 600 {path}, and consider signing in again if others "
-                    f"may have read it")
-            if st.st_size > _MAX_FILE_SIZE:
-                raise StoreCorrupt(f"{path} is too large ({st.st_size} bytes) to be "
-                                   f"a credential file")
-            chunks: list[bytes] = []
-            total = 0
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > _MAX_FILE_SIZE:
-                    raise StoreCorrupt(f"{path} is too large to be a credential file")
-            return b"".join(chunks)
+            return read_private(path, _MAX_FILE_SIZE)
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {_reason(exc)}") from None
-        finally:
-            os.close(fd)
+        except UnsafeFile as unsafe:
+            raise self._refusal(unsafe) from None
+
+    def _refusal(self, unsafe: UnsafeFile) -> StoreError:
+        path, st, problem = self._path, unsafe.st, unsafe.problem
+        euid = os.geteuid()
+        if problem is Problem.SYMLINK:
+            return StoreInsecure(
+                f"{path} is a symbolic link; the credentials must be a regular file "
+                f"(fix: replace it with the file it points to)")
+        if problem is Problem.OTHER_OWNER:
+            return StoreInsecure(
+                f"{path} belongs to uid {st.st_uid}, not to this user (uid {euid}); "
+                f"its tokens may be known to others: fix: chown {euid} {path}, "
+                f"or sign in again after deleting it")
+        if problem is Problem.OPEN_TO_OTHERS:
+            return StoreInsecure(
+                f"{path} is open to other users (mode {_mode(st.st_mode)}); "
+                f"fix: chmod 600 {path}, and consider signing in again if others "
+                f"may have read it")
+        if problem is Problem.TOO_LARGE:
+            return StoreCorrupt(f"{path} is too large (over {_MAX_FILE_SIZE} bytes) to be "
+                                f"a credential file")
+        return StoreCorrupt(f"{path} {problem.value}")
 
     def save(self, credentials: Credentials) -> None:
         """Replace the file with `credentials`, atomically, durably, mode 0600.
@@ -332,7 +320,10 @@ class _Fields:
         # bool is an int to Python, but `true` is no time.
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # JSON integers are unbounded: 1 followed by 400 zeros
+            return None
         return number if math.isfinite(number) else None
 
     def number(self, key: str) -> float:

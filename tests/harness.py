@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from agent.driver import Driver, DriverSettings
+from agent.driver import Driver
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 from agent.oauth import Client
+from agent.session import SessionSettings
 from agent.state import Phase, Snapshot
 from agent.store import CredentialStore
 from agent.transport import Transport
@@ -55,7 +56,7 @@ async def transport() -> AsyncIterator[Transport]:
         yield running
 
 
-def settings_for(provider: IdentityProvider, **overrides: Any) -> DriverSettings:
+def settings_for(provider: IdentityProvider, **overrides: Any) -> SessionSettings:
     base: dict[str, Any] = {
         "client": Client(client_id=provider.settings.client_id,
                          client_secret=provider.settings.client_secret),
@@ -65,7 +66,7 @@ def settings_for(provider: IdentityProvider, **overrides: Any) -> DriverSettings
         "allow_insecure_http": True,
     }
     base.update(overrides)
-    return DriverSettings(**base)
+    return SessionSettings(**base)
 
 
 class Running:
@@ -93,10 +94,11 @@ class Running:
         return await self.until(lambda s: s.phase == phase, **kwargs)
 
     async def stop(self) -> None:
+        """As a kill would: the pump and its requests end where they are."""
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        await self.driver.settle(1.0)
+        await self.driver.aclose()
 
 
 StartDriver = Callable[..., Awaitable[Running]]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.driver import ProviderUnavailable
-from agent.errors import NotSignedIn
+from agent.errors import NotSignedIn, ProviderUnavailable
 from agent.idp import Answer, Drop, ExpiryMode, Fail, IdentityProvider, ProviderSettings
 from agent.state import Phase
 from agent.store import Credentials, CredentialStore
@@ -166,13 +165,23 @@ async def test_dead_refresh_token_starts_over_with_a_new_code(
         provider_settings: ProviderSettings, start_driver: StartDriver,
         provider: IdentityProvider, store_path: Path) -> None:
     provider_settings.access_token_lifetime = 100.0
+    provider_settings.code_lifetime = 600.0
     run = await start_driver()
     await sign_in(run, provider)
+    old = await run.driver.get_token()
     provider.revoke_refresh_tokens()
-    await run.until(lambda s: s.phase == Phase.AWAITING_USER)
+    shown = await run.until(lambda s: s.phase == Phase.AWAITING_USER)
+    # The access token still lives: served, and the device says who is signed in.
+    assert shown.user == "Alice Example"
+    assert (await run.driver.get_token()).access_token == old.access_token
+    assert old.refresh_token not in store_path.read_text()
+    await run.until(lambda s: run.driver.remaining() is None
+                    or (run.driver.remaining() or 0) < 0 or run.driver.credentials is None)
+    await run.until(lambda s: run.driver.credentials is None)
     assert not store_path.exists()
     with pytest.raises(NotSignedIn):
         await run.driver.get_token()
+    assert refreshes(provider) == 1  # the dead token was never sent again
 
 
 async def test_refresh_trouble_keeps_serving_the_old_token(
@@ -429,11 +438,14 @@ async def test_logout_during_a_refresh_in_flight_stays_signed_out(
     refresh = asyncio.create_task(run.driver.refresh())
     await asyncio.sleep(0.05)  # the refresh request is at the provider
     await run.driver.logout()
-    new = await refresh  # it completed before the revocation
+    with pytest.raises(NotSignedIn):
+        await refresh  # its answer belongs to credentials that are gone
     assert run.driver.credentials is None
     assert not store_path.exists()
-    assert not provider.refresh_token_valid(new.refresh_token or "")
-    assert not provider.access_token_valid(new.access_token)
+    # The provider rotated during the sign-out: what it issued was revoked too.
+    assert refreshes(provider) == 1
+    assert provider.live_refresh_tokens() == []
+    assert provider.live_access_tokens() == []
 
 
 async def test_a_margin_longer_than_the_lifetime_does_not_spin(
@@ -519,7 +531,7 @@ async def test_abandoned_new_sign_in_falls_back_to_a_refreshable_one(
 
 async def test_min_ttl_beyond_the_token_lifetime_is_refused_without_a_refresh(
         start_driver: StartDriver, provider: IdentityProvider) -> None:
-    from agent.driver import MinTtlTooLong
+    from agent.errors import MinTtlTooLong
 
     run = await start_driver()
     await sign_in(run, provider)

@@ -32,8 +32,9 @@ from urllib.parse import urljoin
 import aiohttp
 import pytest
 
-from agent.driver import Driver, DriverSettings
+from agent.driver import Driver
 from agent.oauth import Client, HttpRequest, HttpResponse
+from agent.session import SessionSettings
 from agent.state import Phase
 from agent.store import CredentialStore
 from agent.transport import Transport
@@ -306,7 +307,7 @@ async def start_agent(store: CredentialStore, transport: Transport,
 
     async def start(issuer: str) -> tuple[Running, Recorder]:
         recorder = Recorder(transport, clock)
-        settings = DriverSettings(
+        settings = SessionSettings(
             client=Client(client_id=CLIENT_ID),
             scopes=("openid", "profile", "email", "offline_access"),
             device_name="Test device",
@@ -355,7 +356,8 @@ async def test_signs_in_refreshes_with_rotation_and_logs_out(
     # while they approve, so no poll races the approval.
     await run.clock.run_until(lambda: len(recorder.polls()) >= 3)
     await browser.approve(shown.verification_uri, shown.user_code, login="alice")
-    signed = await run.until_phase(Phase.SIGNED_IN)
+    # The credentials are on disk before userinfo is asked: the name follows.
+    signed = await run.until(lambda s: s.phase == Phase.SIGNED_IN and s.user != "alice")
 
     polls = recorder.polls()
     assert [e.error for e in polls[:-1]] == ["authorization_pending"] * (len(polls) - 1)
@@ -411,7 +413,7 @@ async def test_approval_before_the_first_poll_signs_in_at_the_first_poll(
     shown = await run.until_phase(Phase.AWAITING_USER)
     assert shown.verification_uri is not None and shown.user_code is not None
     await browser.approve(shown.verification_uri, shown.user_code, login="bob")
-    signed = await run.until_phase(Phase.SIGNED_IN)
+    signed = await run.until(lambda s: s.phase == Phase.SIGNED_IN and s.user != "bob")
     assert signed.user == "Bob Example"
     assert [e.response.status for e in recorder.polls()] == [200]
     assert_polls_paced(recorder)
@@ -462,6 +464,12 @@ async def test_refresh_token_expired_at_the_provider_starts_over(
     await own_provider.advance_clock(3601)
     fresh = await run.until_phase(Phase.AWAITING_USER)
     assert [e.error for e in recorder.refreshes()] == ["invalid_grant"]
-    assert not store_path.exists()
-    assert run.driver.credentials is None
     assert fresh.user_code not in (None, shown.user_code)
+    # The access token is served while it lives; the dead refresh token is gone
+    # from disk, so no restart sends it again.
+    assert run.driver.credentials is not None
+    assert run.driver.credentials.tokens.refresh_token is None
+    assert '"refresh_token": null' in store_path.read_text()
+    await run.until(lambda s: run.driver.credentials is None)
+    assert not store_path.exists()
+    assert [e.error for e in recorder.refreshes()] == ["invalid_grant"]

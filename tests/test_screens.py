@@ -54,6 +54,7 @@ EXPECTED = {
     Phase.NO_NETWORK: ("no_network", "No network"),
     Phase.AWAITING_USER: ("code", "Sign in"),
     Phase.CODE_EXPIRED: ("code_expired", "Code expired"),
+    Phase.NEEDS_BUTTON: ("needs_button", "Sign in"),
     Phase.THROTTLED: ("throttled", "Provider busy"),
     Phase.DENIED: ("denied", "Access denied"),
     Phase.SIGNED_IN: ("signed_in", "Signed in"),

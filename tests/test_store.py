@@ -375,9 +375,10 @@ def test_content_that_is_no_credential_file_is_corrupt(
     _assert_corrupt_and_untouched(store)
 
 
-def test_non_finite_time_is_corrupt(store: CredentialStore) -> None:
+@pytest.mark.parametrize("number", ["Infinity", "1e400", "1" + "0" * 400])
+def test_non_finite_time_is_corrupt(store: CredentialStore, number: str) -> None:
     text = json.dumps(saved_document(store))
-    write_raw(store.path, text.replace("1700000300.5", "Infinity").encode())
+    write_raw(store.path, text.replace("1700000300.5", number).encode())
     _assert_corrupt_and_untouched(store, match="expires_at")
 
 

@@ -120,6 +120,10 @@ def build_screen(snapshot: Snapshot, *, now_mono: float, now_wall: float,
                                 code_lifetime=code_lifetime)
         case Phase.CODE_EXPIRED:
             return screen("code_expired", "Code expired", next_code())
+        case Phase.NEEDS_BUTTON:
+            # RFC 8628 §3.5: after codes expire unused, wait for the person.
+            return screen("needs_button", "Sign in", "Press the button to sign in",
+                          "Codes expired unused")
         case Phase.THROTTLED:
             return screen("throttled", "Provider busy", next_code(), "Too many codes requested")
         case Phase.DENIED:
@@ -172,6 +176,9 @@ def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now
         lines.append("Type the digits only")
     if qr_data:
         lines.append("or scan the QR code")
+    if snapshot.user:
+        # A new sign-in while signed in: the device still works meanwhile.
+        lines.append(f"Still signed in as {snapshot.user}")
     return Screen(
         kind="code",
         title="Sign in",

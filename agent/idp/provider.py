@@ -338,6 +338,13 @@ class IdentityProvider:
         grant = self._access.get(token)
         return grant is not None and self.clock.monotonic() < grant.expires_at
 
+    def live_refresh_tokens(self) -> list[str]:
+        """Every refresh token that would be accepted now (tests check none leaks)."""
+        return [token for token in self._refresh if self.refresh_token_valid(token)]
+
+    def live_access_tokens(self) -> list[str]:
+        return [token for token in self._access if self.access_token_valid(token)]
+
     def refresh_token_valid(self, token: str) -> bool:
         grant = self._refresh.get(token)
         return (grant is not None and not grant.revoked

@@ -7,6 +7,7 @@ endpoints are global (`/application/o/device/`, `/application/o/token/`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -15,6 +16,9 @@ from agent.oauth.models import Endpoints, HttpRequest, HttpResponse
 from agent.oauth.wire import parse_json_object
 
 __all__ = [
+    "Discovery",
+    "DiscoveryStep",
+    "ExplicitEndpoints",
     "authentik_endpoints",
     "check_endpoint_url",
     "discovery_requests",
@@ -80,7 +84,8 @@ def _string_tuple(doc: dict[str, Any], key: str) -> tuple[str, ...] | None:
 
 
 def parse_discovery(response: HttpResponse, *, issuer: str, allow_insecure_http: bool,
-                    fallback: Endpoints | None = None) -> Endpoints:
+                    fallback: Endpoints | None = None,
+                    token_endpoint: str | None = None) -> Endpoints:
     """Validate a metadata document.
 
     OpenID Connect Discovery §4.3: the `issuer` in the document MUST be identical to
@@ -88,8 +93,9 @@ def parse_discovery(response: HttpResponse, *, issuer: str, allow_insecure_http:
     document that speaks for another provider). A trailing slash is the one
     difference forgiven, since people type issuers both ways.
 
-    `fallback` supplies a device endpoint the document does not advertise (authentik's
-    global `/application/o/device/`).
+    `fallback` supplies a device endpoint the document does not advertise (the
+    configured one, or authentik's global `/application/o/device/`); `token_endpoint`,
+    a configured token endpoint for a document without one.
     """
     if response.status != 200:
         raise DiscoveryFailed(f"metadata document answered HTTP {response.status}")
@@ -101,7 +107,7 @@ def parse_discovery(response: HttpResponse, *, issuer: str, allow_insecure_http:
     if not isinstance(found, str) or found.rstrip("/") != issuer.rstrip("/"):
         raise DiscoveryFailed(
             f"metadata document names issuer {found!r}, the config names {issuer!r}")
-    token = _optional_url(doc, "token_endpoint", allow_insecure_http)
+    token = _optional_url(doc, "token_endpoint", allow_insecure_http) or token_endpoint
     if token is None:
         raise DiscoveryFailed("metadata document has no token_endpoint")
     device = _optional_url(doc, "device_authorization_endpoint", allow_insecure_http)
@@ -121,3 +127,117 @@ def parse_discovery(response: HttpResponse, *, issuer: str, allow_insecure_http:
         scopes_supported=_string_tuple(doc, "scopes_supported"),
         grant_types_supported=_string_tuple(doc, "grant_types_supported"),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplicitEndpoints:
+    """Endpoints the config names. Each one given wins over the metadata document's;
+    each one left out comes from it (RFC 8628 §4 makes the device endpoint optional in
+    metadata, and django-oauth-toolkit leaves out the device and revocation endpoints)."""
+
+    device_authorization: str | None = None
+    token: str | None = None
+    revocation: str | None = None
+    userinfo: str | None = None
+
+    def without_metadata(self, issuer: str | None) -> Endpoints | None:
+        """The endpoints when there is no document to complete them from."""
+        if self.device_authorization is None or self.token is None:
+            return None
+        return Endpoints(issuer=issuer, device_authorization=self.device_authorization,
+                         token=self.token, revocation=self.revocation, userinfo=self.userinfo)
+
+    def merged(self, found: Endpoints) -> Endpoints:
+        return Endpoints(
+            issuer=found.issuer,
+            device_authorization=self.device_authorization or found.device_authorization,
+            token=self.token or found.token,
+            revocation=self.revocation or found.revocation,
+            userinfo=self.userinfo or found.userinfo,
+            scopes_supported=found.scopes_supported,
+            grant_types_supported=found.grant_types_supported,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoveryStep:
+    """What one answer of the discovery sequence means.
+
+    - `endpoints`: found; `notes` say what came from where, for the log.
+    - `request`: look there next (the previous location answered 404).
+    - `error` with `misconfigured`: a person must fix the issuer or the provider;
+      asking again soon will not help (OpenID Connect Discovery §4.3).
+    - `error` without it: trouble on the way (5xx, not JSON); retry like a network error.
+    """
+
+    endpoints: Endpoints | None = None
+    request: HttpRequest | None = None
+    error: DiscoveryFailed | None = None
+    misconfigured: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Discovery:
+    """The discovery sequence, sans-IO: used by the daemon and by `check-provider`, so
+    both see the same merged endpoints.
+
+    Without an issuer the config's endpoints are the whole answer. With one, the
+    OpenID Connect location is asked first, then RFC 8414's; each endpoint then comes
+    from the config where given, else from the document. When no document exists and
+    the config names the device and token endpoints, those are used alone.
+    """
+
+    def __init__(self, issuer: str | None, explicit: ExplicitEndpoints, *,
+                 allow_insecure_http: bool) -> None:
+        self.issuer = issuer
+        self.explicit = explicit
+        self._allow_insecure_http = allow_insecure_http
+        self._pending = discovery_requests(issuer) if issuer is not None else []
+        self._misses: list[str] = []
+
+    def first(self) -> DiscoveryStep:
+        """Where to start: a request, or the endpoints at once when there is no issuer."""
+        if self._pending:
+            return DiscoveryStep(request=self._pending[0])
+        endpoints = self.explicit.without_metadata(self.issuer)
+        if endpoints is None:
+            return DiscoveryStep(misconfigured=True, error=DiscoveryFailed(
+                "no issuer, and not both the device and token endpoints"))
+        return DiscoveryStep(endpoints=endpoints)
+
+    def receive(self, response: HttpResponse) -> DiscoveryStep:
+        request = self._pending.pop(0)
+        assert self.issuer is not None
+        if response.status in (404, 410):
+            self._misses.append(f"{request.url}: HTTP {response.status}")
+            if self._pending:
+                return DiscoveryStep(request=self._pending[0])
+            alone = self.explicit.without_metadata(self.issuer)
+            if alone is not None:
+                return DiscoveryStep(endpoints=alone, notes=(
+                    "no metadata document; using the configured endpoints only",))
+            return DiscoveryStep(misconfigured=True, error=DiscoveryFailed(
+                "no metadata document: " + "; ".join(self._misses)))
+        if response.status >= 500 or response.status == 429:
+            return DiscoveryStep(error=DiscoveryFailed(
+                f"metadata document answered HTTP {response.status}"))
+        try:
+            parse_json_object(response)
+        except MalformedResponse as exc:
+            # A page that is not JSON (a captive portal, a proxy's error page) is
+            # trouble on the way, not a wrong provider.
+            return DiscoveryStep(error=DiscoveryFailed(f"metadata document: {exc}"))
+        fallback = authentik_endpoints(self.issuer)
+        if self.explicit.device_authorization is not None:
+            fallback = Endpoints(device_authorization=self.explicit.device_authorization,
+                                 token=self.explicit.token or "")
+        try:
+            found = parse_discovery(response, issuer=self.issuer,
+                                    allow_insecure_http=self._allow_insecure_http,
+                                    fallback=fallback, token_endpoint=self.explicit.token)
+        except DiscoveryFailed as exc:
+            return DiscoveryStep(error=exc, misconfigured=True)
+        endpoints = self.explicit.merged(found)
+        return DiscoveryStep(endpoints=endpoints, notes=(
+            f"provider endpoints: device {endpoints.device_authorization}, "
+            f"token {endpoints.token}",))

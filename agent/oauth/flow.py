@@ -213,7 +213,7 @@ class DevicePoll:
         self.authorization = authorization
         self._client = client
         self._token_endpoint = token_endpoint
-        self._scope = scope
+        self.scope = scope
         self.interval = authorization.interval
         # §3.5: wait at least `interval` before *each* request, the first included.
         self.next_poll_at = authorization.issued_at + self.interval
@@ -244,7 +244,7 @@ class DevicePoll:
             # trouble; odd fields get a safe reading and a note.
             try:
                 tokens, notes = parse_token_answer(response, now_wall=now_wall,
-                                                   requested_scope=self._scope)
+                                                   requested_scope=self.scope)
             except MalformedResponse as exc:
                 return self._trouble(str(exc), now=now, hint=None)
             return Approved(tokens=tokens, notes=notes)
