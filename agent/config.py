@@ -138,8 +138,10 @@ class DeviceConfig:
 @dataclass(frozen=True, kw_only=True)
 class SignInConfig:
     codes_per_hour: int = 12
-    throttle_backoff: float = 600.0
-    throttle_backoff_max: float = 3600.0
+    # authentik's throttle is a rolling hour that ignores refused tries: start at
+    # 2 minutes and double to 30, so a later try costs nothing and comes soon enough.
+    throttle_backoff: float = 120.0
+    throttle_backoff_max: float = 1800.0
     retry_initial: float = 2.0
     retry_max: float = 300.0
 
