@@ -33,9 +33,15 @@ from aiohttp import web
 from agent import __version__
 from agent.accounts import group_id, user_id
 from agent.driver import Driver
-from agent.errors import AgentError, MinTtlTooLong, NotSignedIn, ProviderUnavailable
+from agent.errors import (
+    AgentError,
+    IllegalInput,
+    MinTtlTooLong,
+    NotSignedIn,
+    ProviderUnavailable,
+)
 from agent.logs import fingerprint
-from agent.session import IllegalInput, not_signed_in_reason
+from agent.session import not_signed_in_reason
 from agent.state import Phase, Snapshot, rfc3339
 
 __all__ = ["AccessPolicy", "ApiServer", "Caller", "build_app", "status_document"]

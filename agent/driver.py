@@ -159,7 +159,10 @@ class Driver:
         when none could start or none came in time."""
         done = self.session.refreshes_done
         if not self.session.refreshing:
-            await self._feed(Refresh())
+            try:
+                await self._feed(Refresh())
+            except IllegalInput:
+                return False  # stopping
         if not self.session.refreshing and self.session.refreshes_done == done:
             return False
         return await self._wait_until(lambda: self.session.refreshes_done > done, REFRESH_WAIT)

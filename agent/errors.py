@@ -26,7 +26,7 @@ No message ever carries a token, a device code or a secret.
     ├── NotSignedIn                  no valid token to hand out
     ├── ProviderUnavailable          no token fresh enough: the provider is not answering
     ├── MinTtlTooLong                no token this provider issues lives that long
-    └── IllegalInput                 (agent.session) an input the lifecycle does not accept
+    └── IllegalInput                 an input the lifecycle (agent.session) does not accept
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "ConnectFailed",
     "DiscoveryFailed",
     "ExpiredToken",
+    "IllegalInput",
     "InvalidClient",
     "InvalidGrant",
     "InvalidRequest",
@@ -133,6 +134,11 @@ class NotSignedIn(AgentError):
 
 class ProviderUnavailable(AgentError):
     """A token fresh enough could not be had because the provider is not answering."""
+
+
+class IllegalInput(AgentError):
+    """An input the session's state does not accept (h11's LocalProtocolError), raised
+    before anything changes; also what a request to an agent that is stopping gets."""
 
 
 class MinTtlTooLong(AgentError):

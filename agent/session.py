@@ -29,6 +29,7 @@ from enum import StrEnum
 
 from agent.errors import (
     AgentError,
+    IllegalInput,
     MinTtlTooLong,
     NotSignedIn,
     OAuthError,
@@ -120,11 +121,6 @@ FORCED_TRY_GAP = 60.0
 UNUSED_CODES_BEFORE_BUTTON = 3
 # A code resumed after a restart needs at least this long left to be worth showing.
 MIN_RESUME_LEFT = 15.0
-
-
-class IllegalInput(AgentError):
-    """An input this state does not accept (h11's LocalProtocolError). Raised before
-    anything changes."""
 
 
 # -- time --------------------------------------------------------------------------
@@ -380,7 +376,7 @@ TRANSITIONS: Mapping[tuple[Region, State, str], Row] = _rows(
     (Region.ENDPOINTS, E.UNKNOWN, "needed", (E.DISCOVERING, E.KNOWN, E.MISCONFIGURED),
      "OpenID Connect Discovery §4.1, then RFC 8414 §3.1; without an issuer the config "
      "names the endpoints"),
-    (Region.ENDPOINTS, E.MISCONFIGURED, "needed", (E.DISCOVERING,),
+    (Region.ENDPOINTS, E.MISCONFIGURED, "needed", (E.DISCOVERING, E.KNOWN, E.MISCONFIGURED),
      "a wrong document is asked again only after retry_max: a person must fix it"),
     (Region.ENDPOINTS, E.DISCOVERING, "not_found", (E.DISCOVERING,),
      "HTTP 404: try the next well-known location"),
@@ -432,6 +428,9 @@ TRANSITIONS: Mapping[tuple[Region, State, str], Row] = _rows(
      "expired_token, or invalid_grant (authentik: expired, cleaned up or redeemed)"),
     (Region.SIGN_IN, S.POLLING, "refused", (S.WAITING,),
      "any other RFC 6749 §5.2 error is terminal for this code (§3.5)"),
+    (Region.SIGN_IN, S.POLLING, "approval_revoked", (S.WAITING,),
+     "an approval that a sign-out overtook is revoked, not kept; its code is spent, so "
+     "a new one follows"),
     (Region.SIGN_IN, S.POLLING, "login", (S.WAITING,),
      "a new code at once; an approval of the old one that still lands is kept"),
     (Region.SIGN_IN, S.BUTTON, "login", (S.WAITING,),
@@ -820,6 +819,8 @@ class Session:
     def _login(self, new_sign_in: bool) -> None:
         self._running("login")
         state = self.states[Region.SIGN_IN]
+        # The person is here: unused codes before this do not count against the button.
+        self._unused_codes = 0
         if state == S.IDLE:
             if not new_sign_in and self.credentials is not None:
                 return  # a short press while signed in does nothing
@@ -841,6 +842,7 @@ class Session:
             return
         if self._last_forced_try is None or now - self._last_forced_try >= FORCED_TRY_GAP:
             self._throttle_until = now
+            self._last_forced_try = now
         else:
             self._throttle_until = min(self._throttle_until,
                                        self._last_forced_try + FORCED_TRY_GAP)
@@ -850,7 +852,7 @@ class Session:
         self.logout_problems = []
         self._revocations_tried = set()
         creds = self.credentials
-        # In flight: a refresh, or a poll of a code shown before the sign-out.
+        # In flight: a refresh, or a poll that may bring an approval.
         in_flight = any(out.purpose in ("refresh", "poll") for out in self._out.values())
         if creds is None and not in_flight:
             self._log(logging.INFO, "sign-out asked while not signed in; nothing to revoke")
@@ -858,8 +860,12 @@ class Session:
             return
         # Every answer to a request sent before this moment is now stale.
         self._logout_epoch += 1
-        if creds is not None:
-            self._owe_revocation(creds.tokens)
+        if creds is None:
+            # Not signed in: the code stays on screen and no code is spent; only an
+            # approval already on its way is overtaken (and revoked when it lands).
+            self._go(Region.SIGN_IN, "signed_out", self.states[Region.SIGN_IN])
+            return
+        self._owe_revocation(creds.tokens)
         self._go(Region.TOKENS, "logout", T.NONE)
         self._drop_credentials()
         self._effects.append(Clear())
@@ -1165,13 +1171,16 @@ class Session:
 
     def _approved(self, event: Approved, out: _Out, *, current: bool) -> None:
         tokens = event.tokens
-        for note in getattr(event, "notes", ()):
+        for note in event.notes:
             self._log(logging.WARNING, f"token answer: {note}")
         if out.logout_epoch != self._logout_epoch:
             # Approved before a sign-out, answered after it: sign-out wins.
             self._check(Region.TOKENS, "stale_answer")
             self._owe_revocation(tokens)
             self._log(logging.INFO, "an approval landed after sign-out; revoking its tokens")
+            if current:
+                self._poll = None
+                self._go(Region.SIGN_IN, "approval_revoked", S.WAITING)
             return
         self._check(Region.TOKENS, "approved")
         self._go(Region.SIGN_IN, "approved" if current else "not_wanted", S.IDLE)
@@ -1323,7 +1332,7 @@ class Session:
         assert creds is not None
         match event:
             case Refreshed(tokens=tokens):
-                for note in getattr(event, "notes", ()):
+                for note in event.notes:
                     self._log(logging.WARNING, f"token answer: {note}")
                 claims = {**creds.claims, **id_token_claims(tokens.id_token)}
                 new = replace(creds, tokens=tokens, claims=claims)
@@ -1546,7 +1555,10 @@ class Session:
             return replace(base, phase=Phase.SIGNED_IN)
         if state == S.BUTTON:
             return replace(base, phase=Phase.NEEDS_BUTTON, last_error=self._sign_in_error)
-        return replace(base, phase=self._wait_phase, **waiting)  # type: ignore[arg-type]
+        phase = self._wait_phase
+        if phase == Phase.STARTING and next_code is not None and next_code > now.mono:
+            phase = Phase.CODE_EXPIRED  # the hourly budget holds the next code back
+        return replace(base, phase=phase, **waiting)  # type: ignore[arg-type]
 
     def _record_if_changed(self) -> None:
         now = self._now
