@@ -99,6 +99,7 @@ __all__ = [
     "Stop",
     "Tick",
     "not_signed_in_reason",
+    "transitions_markdown",
     "user_label",
 ]
 
@@ -1645,3 +1646,13 @@ def duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def transitions_markdown() -> str:
+    """The table as docs/ARCHITECTURE.md shows it (a test keeps the two the same)."""
+    lines = ["| region | state | input | next | why |", "|---|---|---|---|---|"]
+    for (region, state, trigger), row in TRANSITIONS.items():
+        targets = ", ".join(sorted(t.value for t in row.targets))
+        lines.append(f"| {region.value} | {state.value} | {trigger} | {targets} | "
+                     f"{row.reason} |")
+    return "\n".join(lines) + "\n"

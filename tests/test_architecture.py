@@ -1,0 +1,23 @@
+"""docs/ARCHITECTURE.md shows the lifecycle table as the code has it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.session import TRANSITIONS, transitions_markdown
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md"
+
+
+def test_the_documented_table_is_the_code_table() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    begin, end = "<!-- transitions:begin -->\n", "<!-- transitions:end -->"
+    documented = text[text.index(begin) + len(begin):text.index(end)]
+    assert documented == transitions_markdown(), (
+        "docs/ARCHITECTURE.md is out of date: paste the output of "
+        "agent.session.transitions_markdown() between the markers")
+
+
+def test_every_row_gives_its_reason() -> None:
+    assert TRANSITIONS
+    assert all(row.reason.strip() and row.targets for row in TRANSITIONS.values())
