@@ -44,8 +44,9 @@ PANELS: Final[dict[str, Panel]] = {
     "ssd1331": Panel(96, 64, "RGB"),
 }
 
-SCREENS: Final = ("code", "starting", "no_network", "code_expired", "throttled", "denied",
-                  "signed_in", "refresh_failing", "config_error", "stopping", "blank")
+SCREENS: Final = ("code", "starting", "no_network", "code_expired", "needs_button",
+                  "throttled", "denied", "signed_in", "refresh_failing", "config_error",
+                  "stopping", "blank")
 
 DEFAULT_URI: Final = "https://auth.example.com/device?code=123456789"
 DEFAULT_CODE: Final = "123456789"
@@ -73,6 +74,7 @@ def synthetic_screen(kind: str, *, uri: str = DEFAULT_URI, code: str = DEFAULT_C
         "no_network": {"phase": Phase.NO_NETWORK,
                        "last_error": "cannot reach auth.example.com"},
         "code_expired": {"phase": Phase.CODE_EXPIRED, "next_code_at": later},
+        "needs_button": {"phase": Phase.NEEDS_BUTTON},
         "throttled": {"phase": Phase.THROTTLED, "next_code_at": later + 600},
         "denied": {"phase": Phase.DENIED, "next_code_at": later},
         "signed_in": {"phase": Phase.SIGNED_IN, "user": "alice",

@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")"
 agent=${DEVICE_AGENT:-device-agent}
 
-for screen in code starting no_network code_expired throttled denied signed_in \
+for screen in code starting no_network code_expired needs_button throttled denied signed_in \
               refresh_failing config_error stopping; do
     for panel in ssd1306 ssd1306-32 ssd1322; do
         $agent render --panel "$panel" --screen "$screen" --scale 3 \
