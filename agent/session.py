@@ -869,6 +869,9 @@ class Session:
         self._owe_revocation(creds.tokens)
         self._go(Region.TOKENS, "logout", T.NONE)
         self._drop_credentials()
+        # The revocations owed reach the disk before the credentials leave it: a crash
+        # in between still revokes them after the restart.
+        self._record_if_changed()
         self._effects.append(Clear())
         self._go(Region.SIGN_IN, "signed_out", S.WAITING)
         self._poll = None
@@ -977,7 +980,8 @@ class Session:
         self._discovery_error = None
         self._discovery_backoff.reset()
         if self._poll is not None:
-            self._poll = self._new_poll(self._poll.authorization, scope=self._poll.scope)
+            # The same poll, its interval and next poll time kept: only where it goes.
+            self._poll.token_endpoint = endpoints.token
         if ("offline_access" in self.settings.scopes and endpoints.scopes_supported is not None
                 and "offline_access" not in endpoints.scopes_supported):
             self._finding(

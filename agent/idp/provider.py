@@ -327,6 +327,16 @@ class IdentityProvider:
         for grant in self._refresh.values():
             grant.revoked = True
 
+    def issue_tokens(self, *, user: str = "alice",
+                     scopes: tuple[str, ...] = SUPPORTED_SCOPES) -> dict[str, Any]:
+        """A token answer body (RFC 6749 §5.1) whose tokens this provider accepts, as a
+        redemption would issue them: for tests that script the token endpoint with an
+        `Answer` built from it (an odd field, a missing id_token)."""
+        if user not in self.settings.users:
+            raise KeyError(f"unknown user {user!r}")
+        return self._issue(user=user, client_id=self.settings.client_id, scopes=scopes,
+                           auth_time=int(self.clock.time()), with_refresh=True)
+
     def pending_user_codes(self) -> list[str]:
         """User codes neither decided nor past `expires_in`, oldest first."""
         now = self.clock.monotonic()

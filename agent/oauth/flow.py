@@ -212,7 +212,7 @@ class DevicePoll:
                  token_endpoint: str, scope: str | None = None) -> None:
         self.authorization = authorization
         self._client = client
-        self._token_endpoint = token_endpoint
+        self.token_endpoint = token_endpoint
         self.scope = scope
         self.interval = authorization.interval
         # §3.5: wait at least `interval` before *each* request, the first included.
@@ -231,7 +231,7 @@ class DevicePoll:
         """RFC 8628 §3.4: grant_type, device_code and client_id, form-encoded (the
         device_code holds punctuation; form encoding is the transport's job)."""
         return form_request(
-            self._token_endpoint,
+            self.token_endpoint,
             {"grant_type": DEVICE_CODE_GRANT,
              "device_code": self.authorization.device_code},
             self._client,
