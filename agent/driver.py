@@ -234,7 +234,7 @@ class Driver:
         """Start nothing new, and give answers in flight up to `grace` seconds to land
         (a rotated refresh token must reach the disk); then abandon the rest."""
         await self._feed(Stop())
-        await self._wait_until(lambda: not self.session.refreshing, grace)
+        await self._wait_until(self.session.settled, grace)
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -280,8 +280,13 @@ class Driver:
             case Save(write_id=write_id, credentials=creds):
                 try:
                     await asyncio.to_thread(self._store.save, creds)
-                except StoreError as exc:
-                    return self.session.handle(SaveFailed(write_id=write_id, reason=str(exc)),
+                except Exception as exc:
+                    # Whatever went wrong, the session must hear of it: the provider has
+                    # rotated, and these credentials live on in memory until a write works.
+                    reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                    if not isinstance(exc, StoreError):
+                        log.error("writing the credentials failed unexpectedly (%s)", reason)
+                    return self.session.handle(SaveFailed(write_id=write_id, reason=reason),
                                                self.now())
                 return self.session.handle(Saved(write_id=write_id), self.now())
             case Clear():

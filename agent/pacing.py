@@ -42,6 +42,10 @@ class CodeBudget:
         self._forget_old(now)
         self._spent.append(now)
 
+    def reset(self, times: list[float]) -> None:
+        """Replace what was spent (monotonic times), oldest first."""
+        self._spent = deque(sorted(times))
+
     def refund(self) -> None:
         """The last request was refused (authentik's 429): its throttle does not count
         refused requests, so neither does the budget."""

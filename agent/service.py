@@ -34,8 +34,10 @@ __all__ = ["driver_settings", "serve"]
 
 log = logging.getLogger(__name__)
 
-# SIGTERM must end the process within 2 s; an in-flight refresh gets most of that.
-REFRESH_GRACE = 1.5
+# After SIGTERM, a refresh or an approval in flight gets this long to land on disk (the
+# provider has rotated by then); the unit's TimeoutStopSec=10s leaves the rest for
+# closing. With nothing in flight the agent stops at once.
+REFRESH_GRACE = 8.0
 
 
 def driver_settings(config: AgentConfig) -> SessionSettings:

@@ -122,6 +122,9 @@ FORCED_TRY_GAP = 60.0
 UNUSED_CODES_BEFORE_BUTTON = 3
 # A code resumed after a restart needs at least this long left to be worth showing.
 MIN_RESUME_LEFT = 15.0
+# A token the provider gave no lifetime is refreshed this often all the same, so its
+# refresh token is used (and, where it slides, kept alive) rather than left to age out.
+UNKNOWN_LIFETIME_REFRESH = 3600.0
 
 
 # -- time --------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class Lease:
     lifetime: float | None
     expires_at: float | None    # wall
     wall_offset: float          # wall - mono when the deadline was derived
+    start: float = 0.0          # monotonic: issued, or read from disk
     from_disk: bool = False
 
     @classmethod
@@ -163,22 +167,29 @@ class Lease:
         """`tokens` were parsed with `now_wall=sent.wall`: the request's send time, so
         the time the answer spent on the way is counted against the token."""
         offset = sent.wall - sent.mono
-        if tokens.expires_at is None:
-            return cls(deadline=None, lifetime=None, expires_at=None, wall_offset=offset)
-        lifetime = max(0.0, tokens.expires_at - tokens.issued_at)
+        lifetime = (None if tokens.expires_at is None
+                    else max(0.0, tokens.expires_at - tokens.issued_at))
+        if not lifetime:
+            # None, or an expires_in of 0: nothing to schedule by. Refreshed now and
+            # then (UNKNOWN_LIFETIME_REFRESH), never every few seconds.
+            return cls(deadline=None, lifetime=None, expires_at=None, wall_offset=offset,
+                       start=sent.mono)
         return cls(deadline=sent.mono + lifetime, lifetime=lifetime,
-                   expires_at=sent.wall + lifetime, wall_offset=offset)
+                   expires_at=sent.wall + lifetime, wall_offset=offset, start=sent.mono)
 
     @classmethod
     def stored(cls, tokens: TokenSet, now: Instant) -> Lease:
         offset = now.wall - now.mono
         if tokens.expires_at is None:
             return cls(deadline=None, lifetime=None, expires_at=None, wall_offset=offset,
-                       from_disk=True)
+                       start=now.mono, from_disk=True)
         lifetime = max(0.0, tokens.expires_at - tokens.issued_at)
+        if not lifetime:
+            return cls(deadline=None, lifetime=None, expires_at=None, wall_offset=offset,
+                       start=now.mono, from_disk=True)
         left = min(tokens.expires_at - now.wall, lifetime)
         return cls(deadline=now.mono + left, lifetime=lifetime, expires_at=now.wall + left,
-                   wall_offset=offset, from_disk=True)
+                   wall_offset=offset, start=now.mono, from_disk=True)
 
     def jumped(self, now: Instant) -> float:
         return (now.wall - now.mono) - self.wall_offset
@@ -389,8 +400,9 @@ TRANSITIONS: Mapping[tuple[Region, State, str], Row] = _rows(
      "OpenID Connect Discovery §4.3: an issuer that does not match, or no document; a "
      "configuration error, not 'no network'"),
     # SIGN_IN ---------------------------------------------------------------------
-    (Region.SIGN_IN, S.IDLE, "wanted", (S.WAITING,),
-     "no usable credentials, a dead refresh token, a sign-out or a new sign-in asked for"),
+    (Region.SIGN_IN, S.IDLE, "wanted", (S.WAITING, S.BUTTON),
+     "no usable credentials, a dead refresh token, a sign-out or a new sign-in asked for; "
+     "after a restart that found codes expired unused, with a button: wait for a press"),
     (Region.SIGN_IN, S.IDLE, "resume", (S.AWAITING_USER,),
      "a restart while a code was on screen: the person may be halfway through; no new "
      "code is spent"),
@@ -569,6 +581,11 @@ class Session:
         self.credentials: Credentials | None = None
         self._lease: Lease | None = None
         self._saving: _Write | None = None
+        self._replaced: TokenSet | None = None   # revoked once its successor is on disk
+        self._device_out: _Out | None = None
+        self._loaded_spent: tuple[float, ...] = ()   # wall times from the record
+        self._start_offset = 0.0
+        self._started_at = 0.0
         self._unsaved_retry_at: float | None = None  # the disk refused the last write
         self._last_refresh: float | None = None
         self._refresh_backoff = Backoff(settings.refresh_retry_initial,
@@ -608,6 +625,8 @@ class Session:
                 self._start_refresh(forced=True)
             case Stop():
                 self._go(Region.RUN, "stop", R.STOPPING)
+                if self._unsaved_retry_at is not None and self.states[Region.TOKENS] == T.VALID:
+                    self._rewrite()  # a last try: memory dies with the process
             case Answered(request_id=request_id, response=response):
                 self._answered(self._take(request_id), response)
             case Failed(request_id=request_id, error=error):
@@ -655,6 +674,12 @@ class Session:
         """Why the last refresh failed; None once one succeeds."""
         return self._refresh_error
 
+    def settled(self) -> bool:
+        """Nothing out that may bring tokens (a refresh, a poll), and nothing unsaved:
+        stopping now loses no sign-in."""
+        return self._unsaved_retry_at is None and not any(
+            out.purpose in ("refresh", "poll") for out in self._out.values())
+
     @property
     def refreshing(self) -> bool:
         return any(out.purpose == "refresh" for out in self._out.values())
@@ -672,7 +697,7 @@ class Session:
         if left is None or left > min_ttl:
             return creds.tokens
         lifetime = self._lease.lifetime
-        if lifetime is not None and min_ttl >= lifetime:
+        if lifetime is not None and 0 < lifetime <= min_ttl:
             raise MinTtlTooLong(
                 f"min_ttl {min_ttl:.0f} s is not below the provider's token lifetime "
                 f"({lifetime:.0f} s)")
@@ -752,11 +777,12 @@ class Session:
             raise IllegalInput("Start twice")
         now = self._now
         self._started = True
+        self._started_at = now.mono
         self._last_check = now.mono
         record = event.record
-        for spent in sorted(record.codes_spent):
-            # A time in the future means the wall clock went back: count it as now.
-            self._budget.spend(min(now.mono, now.mono_at(spent)))
+        self._loaded_spent = tuple(sorted(record.codes_spent))
+        self._start_offset = now.wall - now.mono
+        self._budget.reset(self._loaded_times(now))
         if record.throttle_until is not None and record.throttle_until > now.wall:
             step = record.throttle_delay or self.settings.throttle_backoff
             # Capped by the step itself, so a clock that was far ahead cannot hold us.
@@ -766,6 +792,14 @@ class Session:
         self._unused_codes = record.codes_expired_unused
         self._revocations = list(record.pending_revocations)
         creds = event.credentials
+        owed = {item.token for item in self._revocations}
+        if creds is not None and ({creds.tokens.refresh_token, creds.tokens.access_token}
+                                  & owed):
+            # Signed out before, but the file outlived it: those tokens are being revoked.
+            self._log(logging.WARNING, "the stored credentials were signed out before; "
+                      "removing them")
+            self._effects.append(Clear())
+            creds = None
         if creds is not None:
             lease = Lease.stored(creds.tokens, now)
             left = lease.remaining(now)
@@ -784,6 +818,11 @@ class Session:
             return
         if self.credentials is None:
             self._want_sign_in()
+
+    def _loaded_times(self, now: Instant) -> list[float]:
+        # A time in the future means the wall clock is behind: count it as now, until
+        # a jump re-derives it.
+        return [min(now.mono, now.mono_at(spent)) for spent in self._loaded_spent]
 
     def _resume(self, code: PendingCode) -> bool:
         now = self._now
@@ -815,7 +854,11 @@ class Session:
 
     def _want_sign_in(self) -> None:
         if self.states[Region.SIGN_IN] == S.IDLE:
-            self._go(Region.SIGN_IN, "wanted", S.WAITING)
+            self._go(Region.SIGN_IN, "wanted",
+                     S.BUTTON if self._wait_for_press() else S.WAITING)
+
+    def _wait_for_press(self) -> bool:
+        return self.settings.button and self._unused_codes >= UNUSED_CODES_BEFORE_BUTTON
 
     def _login(self, new_sign_in: bool) -> None:
         self._running("login")
@@ -919,6 +962,13 @@ class Session:
                           f"the wall clock moved by {jump:+.0f} s; re-checking the token's "
                           "expiry")
                 self._lease = rebased
+        offset = now.wall - now.mono
+        if self._loaded_spent and abs(offset - self._start_offset) >= CLOCK_JUMP:
+            # NTP corrected a clock that was wrong at boot: the codes spent before the
+            # restart are placed again by the corrected clock.
+            self._start_offset = offset
+            run_spent = [t for t in self._budget.spent if t >= self._started_at]
+            self._budget.reset([*self._loaded_times(now), *run_spent])
         self._expire_unrefreshable()
         if self.states[Region.RUN] == R.STOPPING:
             return
@@ -1037,9 +1087,10 @@ class Session:
                 return
             self._go(Region.SIGN_IN, "due", S.REQUESTING)
             self._budget.spend(now)
+            self._device_out = self._outgoing("device")
             self._send(device_authorization_request(
                 self.settings.client, endpoints.device_authorization, self.settings.scopes),
-                self._outgoing("device"))
+                self._device_out)
         elif state == S.AWAITING_USER and self._poll is not None:
             poll = self._poll
             if poll.expired(now):
@@ -1073,9 +1124,11 @@ class Session:
     def _code_over(self, trigger: str, target_if_out: SignInState) -> None:
         """A code ended unused (expired or denied) in `trigger`'s row."""
         self._poll = None
-        if self._still_usable():
+        creds = self.credentials
+        if creds is not None and creds.tokens.refresh_token is not None:
             # A new sign-in asked for while signed in, and nobody completed it: the
-            # current sign-in stays.
+            # current sign-in stays. (Credentials that cannot be refreshed end soon, so
+            # for them the sign-in goes on.)
             self._go(Region.SIGN_IN, trigger, S.IDLE)
             self._log(logging.INFO, "the new sign-in was not completed; keeping the current one")
             return
@@ -1085,9 +1138,7 @@ class Session:
         self._log(logging.INFO, "code expired ("
                   + ("provider said so" if by_provider else "its lifetime passed") + ")")
         self._unused_codes += 1
-        wait_for_press = (self.settings.button
-                          and self._unused_codes >= UNUSED_CODES_BEFORE_BUTTON)
-        self._code_over("code_expired", S.BUTTON if wait_for_press else S.WAITING)
+        self._code_over("code_expired", S.BUTTON if self._wait_for_press() else S.WAITING)
         if self.states[Region.SIGN_IN] == S.BUTTON:
             self._log(logging.INFO, f"{self._unused_codes} codes expired unused; waiting "
                       "for a button press before spending another (RFC 8628 §3.5)")
@@ -1244,8 +1295,12 @@ class Session:
         was_signed_in = self.credentials is not None
         self.credentials, self._lease = write.credentials, write.lease
         if write.revoke is not None:
+            self._replaced = write.revoke
+        if failure is None and self._replaced is not None:
             # RFC 7009: the previous sign-in is over; its refresh token must not linger.
-            self._owe_revocation(write.revoke, access=False)
+            # Only once the new one is on disk: until then the file still holds the old.
+            self._owe_revocation(self._replaced, access=False)
+            self._replaced = None
         if write.userinfo:
             tokens = write.credentials.tokens
             if tokens.refresh_token is None:
@@ -1267,7 +1322,7 @@ class Session:
         if creds is None or lease is None or creds.tokens.refresh_token is None:
             return None
         if lease.deadline is None or lease.lifetime is None:
-            return None  # no expiry given: refresh only when a caller needs it
+            return (self._last_refresh or lease.start) + UNKNOWN_LIFETIME_REFRESH
         lease = lease.rebased(self._now)
         assert lease.deadline is not None and lease.lifetime is not None
         margin = self.settings.refresh_margin
@@ -1485,9 +1540,11 @@ class Session:
             case "discovery":
                 self._discovery_answer(response, error)
             case "device":
-                if self.states[Region.SIGN_IN] != S.REQUESTING:
+                if self.states[Region.SIGN_IN] != S.REQUESTING or out is not self._device_out:
                     return  # abandoned by a sign-out; the code (if any) is not shown
                 if response is None:
+                    # No answer: most such tries never reached the provider's counter.
+                    self._budget.refund()
                     self._sign_in_trouble(error or "no answer", None)
                 else:
                     self._device_answer(response)

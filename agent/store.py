@@ -238,7 +238,10 @@ class CredentialStore:
         data = json.dumps(_encode(credentials), indent=2, ensure_ascii=False,
                           allow_nan=False) + "\n"
         try:
-            write_atomic(self._path, data.encode("utf-8"), mode=_FILE_MODE)
+            # backslashreplace: a lone surrogate in a provider's claim becomes its JSON
+            # escape (read back as the same string), never an exception that loses
+            # freshly rotated tokens.
+            write_atomic(self._path, data.encode("utf-8", "backslashreplace"), mode=_FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot write {self._path}: {_reason(exc)}") from None
 

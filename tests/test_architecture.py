@@ -14,8 +14,7 @@ def test_the_documented_table_is_the_code_table() -> None:
     begin, end = "<!-- transitions:begin -->\n", "<!-- transitions:end -->"
     documented = text[text.index(begin) + len(begin):text.index(end)]
     assert documented == transitions_markdown(), (
-        "docs/ARCHITECTURE.md is out of date: paste the output of "
-        "agent.session.transitions_markdown() between the markers")
+        "docs/ARCHITECTURE.md is out of date: run .venv/bin/python docs/table.py")
 
 
 def test_every_row_gives_its_reason() -> None:

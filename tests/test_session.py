@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProviderUnavailable, RequestTimeout
+from agent.errors import NotSignedIn, ProviderUnavailable, RequestTimeout
 from agent.oauth import Client, HttpResponse, TokenSet
 from agent.oauth.discovery import ExplicitEndpoints
 from agent.session import (
@@ -39,6 +39,7 @@ from agent.session import (
     Region,
     Save,
     Saved,
+    SaveFailed,
     Send,
     Session,
     SessionSettings,
@@ -1098,3 +1099,141 @@ def test_stopping_starts_nothing_but_a_refresh_that_lands_is_still_saved() -> No
     assert not sends(pump.save_done())
     assert pump.session.credentials == save.credentials
     assert not sends(pump.wait(7200.0))
+
+
+# -- what a review found: each a way to lose or leak the sign-in -------------------------
+
+def test_a_failed_write_of_a_new_sign_in_does_not_revoke_the_token_still_on_disk() -> None:
+    # 2, 7: until the new refresh token is on disk, the file still holds the old one.
+    pump = Pump(auto_save=False)
+    pump.start(stored(lifetime=3600))
+    pump.feed(Login(new_sign_in=True))
+    pump.answer("device", code_answer())
+    poll = pump.poll_now()
+    pump.answer(poll, token_answer("A2", "R2"))
+    pump.feed(SaveFailed(write_id=pump.saves.pop(0).write_id, reason="disk full"))
+    assert not pump.sends("revoke")
+    assert all(r.pending_revocations == () for r in records(pump.journal))
+    # The retry a minute later works: only then is the old token revoked.
+    pump.run_for(61)
+    pump.save_done()
+    assert [form(s, "token") for s in pump.sends("revoke")] == ["R1"]
+
+
+def test_stop_writes_credentials_the_disk_refused_before() -> None:
+    # 4: memory dies with the process; the last refresh's token must reach the disk.
+    pump = Pump(auto_save=False)
+    pump.start(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left: due now
+    pump.answer("refresh", token_answer("A2", "R2"))
+    pump.feed(SaveFailed(write_id=pump.saves.pop(0).write_id, reason="disk full"))
+    assert not pump.session.settled()
+    pump.feed(Stop())
+    [last] = pump.saves
+    assert last.credentials.tokens.refresh_token == "R2"
+    pump.save_done()
+    assert pump.session.settled()
+
+
+def test_stop_waits_for_a_poll_that_may_bring_an_approval() -> None:
+    pump = Pump()
+    pump.show_code()
+    pump.poll_now()
+    pump.feed(Stop())
+    assert not pump.session.settled()
+    pump.answer("poll", token_answer("A2", "R2"))
+    assert pump.session.settled()
+    assert [s.credentials.tokens.refresh_token for s in saves(pump.journal)] == ["R2"]
+
+
+def test_credentials_signed_out_before_a_restart_are_not_served() -> None:
+    # 6: the file outlived a sign-out (its removal failed); its tokens are being revoked.
+    pump = Pump()
+    record = SessionRecord(pending_revocations=(
+        PendingRevocation(token="R1", hint="refresh_token"),
+        PendingRevocation(token="A1", hint="access_token")))
+    effects = pump.start(stored(lifetime=3600), record)
+    assert pump.session.credentials is None
+    assert any(isinstance(e, Clear) for e in effects)
+    with pytest.raises(NotSignedIn):
+        pump.session.token_for(0, pump.now)
+    assert sorted(form(s, "token") or "" for s in pump.sends("revoke")) == ["A1", "R1"]
+
+
+def test_a_dead_refresh_token_keeps_the_sign_in_going_after_an_unused_code() -> None:
+    # 4: the access token lives on, but nothing can renew it: codes keep coming.
+    pump = Pump()
+    pump.start(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left: due now
+    pump.answer("refresh", oauth_error("invalid_grant"))
+    pump.answer("device", code_answer("111111111", expires_in=120))
+    pump.run_for(130, {"poll": oauth_error("authorization_pending")})
+    assert len(pump.sends("device")) == 2
+
+
+def test_with_a_button_a_restart_keeps_waiting_for_the_press() -> None:
+    # 13, 12
+    pump = Pump(make_settings(button=True))
+    pump.start(record=SessionRecord(codes_expired_unused=3))
+    pump.run_for(7200)
+    assert pump.session.snapshot.phase == Phase.NEEDS_BUTTON
+    assert not pump.sends("device")
+    pump.feed(Login())
+    assert len(pump.sends("device")) == 1
+
+
+def test_codes_spent_under_a_wall_clock_behind_are_placed_again_when_ntp_corrects_it() -> None:
+    # 12: fake-hwclock restored a time an hour behind; the budget was spent long ago.
+    budget = make_settings(codes_per_hour=2)
+    pump = Pump(budget)
+    true_wall = pump.wall
+    pump.wall -= 3600   # the clock at boot
+    pump.start(record=SessionRecord(codes_spent=(true_wall - 5400, true_wall - 5300)))
+    assert not pump.sends("device")          # counted as just spent: held back
+    pump.wall += 3600                        # NTP steps the clock
+    pump.tick()
+    assert len(pump.sends("device")) == 1
+
+
+def test_connection_failures_do_not_spend_the_code_budget() -> None:
+    # 11, 12
+    pump = Pump(make_settings(codes_per_hour=2, retry_max=5.0))
+    pump.start()
+    for _ in range(5):
+        pump.fail("device", "connection refused")
+        pump.run_for(6)
+    assert len(pump.sends("device")) == 6
+
+
+def test_a_zero_lifetime_token_is_served_to_a_caller_asking_nothing_more() -> None:
+    # 1: expires_in 0 must keep working.
+    pump = Pump()
+    pump.show_code()
+    pump.answer(pump.poll_now(), token_answer("A2", "R2", expires_in=0))
+    tokens = pump.session.token_for(0, pump.now)
+    assert isinstance(tokens, TokenSet) and tokens.access_token == "A2"
+    # ...and it is not refreshed every few seconds for it.
+    pump.run_for(600, {"refresh": lambda s: token_answer("A3", "R3", expires_in=0)})
+    assert len(pump.sends("refresh")) <= 1
+
+
+def test_a_token_without_a_lifetime_is_still_refreshed_now_and_then() -> None:
+    # 1: without expires_in the refresh token must not age out unused.
+    pump = Pump()
+    pump.show_code()
+    pump.answer(pump.poll_now(), token_answer("A2", "R2", expires_in=None))
+    pump.run_for(2 * 3600, {"refresh": lambda s: token_answer("A3", "R3", expires_in=None)})
+    assert 1 <= len(pump.sends("refresh")) <= 2
+
+
+def test_only_the_latest_device_request_is_answered() -> None:
+    # 14: a sign-out while a code is being asked for does not show a stale code.
+    pump = Pump()
+    pump.start(stored(lifetime=3600))
+    pump.feed(Login(new_sign_in=True))
+    first = pump.request("device")
+    pump.feed(Logout())
+    second = [s for s in pump.open.values() if s.purpose == "device" and s is not first]
+    pump.answer(first, code_answer("111111111"))
+    assert pump.session.snapshot.user_code != "111111111"
+    if second:
+        pump.answer(second[0], code_answer("222222222"))
+        assert pump.session.snapshot.user_code == "222222222"

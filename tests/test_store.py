@@ -726,3 +726,13 @@ def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
+
+
+def test_a_claim_with_a_lone_surrogate_is_saved_and_read_back(store_path: Path) -> None:
+    # A provider's odd name must not make the write of freshly rotated tokens raise.
+    from dataclasses import replace
+
+    creds = replace(make_credentials("surrogate"), claims={"name": "Al\ud800ice"})
+    with CredentialStore(store_path) as store:
+        store.save(creds)
+        assert store.load() == creds

@@ -112,7 +112,17 @@ def userinfo_request(tokens: TokenSet, *, endpoint: str) -> HttpRequest:
 
 
 def _keep_user_claims(claims: dict[str, Any]) -> dict[str, str]:
-    return {k: v for k in USER_CLAIMS if isinstance(v := claims.get(k), str) and v}
+    # Only text that can be shown and stored: a lone surrogate is not.
+    return {k: v for k in USER_CLAIMS
+            if isinstance(v := claims.get(k), str) and v and _printable(v)}
+
+
+def _printable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def receive_userinfo(response: HttpResponse) -> dict[str, str]:
