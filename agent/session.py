@@ -639,7 +639,7 @@ class Session:
         self.snapshot = self._derive_snapshot()
         self._record_if_changed()
         effects, self._effects = self._effects, []
-        return effects
+        return _record_before_sends(effects)
 
     def next_timer(self) -> float | None:
         """The monotonic time the session next wants a `Tick` (None: only on input).
@@ -1649,6 +1649,18 @@ class Session:
             return
         self._recorded = record
         self._effects.append(Record(record=record))
+
+
+def _record_before_sends(effects: list[Effect]) -> list[Effect]:
+    """A code spent must be on disk before the request that spends it goes out (a kill
+    in between would let the next start spend another): a Record that comes after the
+    first Send moves to just before it; everything else keeps its order."""
+    first_send = next((i for i, e in enumerate(effects) if isinstance(e, Send)), None)
+    if first_send is None:
+        return effects
+    head, tail = effects[:first_send], effects[first_send:]
+    late = [e for e in tail if isinstance(e, Record)]
+    return [*head, *late, *(e for e in tail if not isinstance(e, Record))]
 
 
 _NO_REVOCATION = ("the provider has no revocation endpoint; the tokens stay valid at the "
