@@ -176,11 +176,12 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
             return await handler(request, caller)
         app.router.add_route(method, path, checked)
 
-    def expiry_fields(expires_in: float | None) -> dict[str, Any]:
-        if expires_in is None:
+    def expiry_fields(expires_at: float | None) -> dict[str, Any]:
+        """From the snapshot's expiry, which the session keeps on both clocks."""
+        if expires_at is None:
             return {"expires_in": None, "expires_at": None}
-        return {"expires_in": max(0, int(expires_in)),
-                "expires_at": rfc3339(wall_clock() + expires_in)}
+        return {"expires_in": max(0, int(expires_at - wall_clock())),
+                "expires_at": rfc3339(expires_at)}
 
     # A service that asks every second would fill the journal: each (process, token)
     # pair is logged at info once, and at debug after that.
@@ -221,7 +222,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         return web.json_response({
             "access_token": tokens.access_token,
             "token_type": tokens.token_type,
-            **expiry_fields(driver.remaining()),
+            **expiry_fields(driver.snapshot.token_expires_at),
             "scope": tokens.scope,
         }, headers={"Cache-Control": "no-store"})
 
@@ -233,7 +234,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
             return _error(404, "no_id_token", "the provider issued no ID token")
         handed_out(caller, "id token", creds.tokens.id_token)
         return web.json_response({"id_token": creds.tokens.id_token,
-                                  **expiry_fields(driver.remaining())},
+                                  **expiry_fields(driver.snapshot.token_expires_at)},
                                  headers={"Cache-Control": "no-store"})
 
     async def get_userinfo(request: web.Request, caller: Caller) -> web.StreamResponse:

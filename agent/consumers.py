@@ -74,9 +74,9 @@ class Consumers:
         user = user_label(creds)
         if user:
             env["DEVICE_AGENT_USER"] = user
-        left = self._driver.remaining()
-        if left is not None:
-            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(self._driver.clock.time() + left))
+        expires_at = self._driver.snapshot.token_expires_at
+        if expires_at is not None:
+            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(expires_at))
         self._hooks.fire("token_changed", env, token=creds.tokens.access_token)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
@@ -94,9 +94,8 @@ class Consumers:
         env = {"DEVICE_AGENT_STATE": snapshot.phase.value}
         if snapshot.user:
             env["DEVICE_AGENT_USER"] = snapshot.user
-        left = self._driver.remaining()
-        if left is not None and self._driver.credentials is not None:
-            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(self._driver.clock.time() + left))
+        if snapshot.token_expires_at is not None:
+            env["DEVICE_AGENT_EXPIRES_AT"] = str(int(snapshot.token_expires_at))
         if snapshot.phase == Phase.AWAITING_USER and snapshot.user_code:
             env["DEVICE_AGENT_USER_CODE"] = snapshot.user_code
             env["DEVICE_AGENT_VERIFICATION_URI"] = snapshot.verification_uri or ""
@@ -109,8 +108,8 @@ class Consumers:
         while self._dirty:
             self._dirty = False
             creds = self._latest
-            left = self._driver.remaining()
-            expires_at = None if left is None else self._driver.clock.time() + left
+            # The expiry every observer reads: the session's, on both clocks.
+            expires_at = self._driver.snapshot.token_expires_at
             if self._files:
                 await asyncio.to_thread(self._write_all, creds, expires_at)
             self._fire_token_hooks(creds)
