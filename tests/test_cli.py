@@ -49,10 +49,17 @@ class Agent:
 
 
 @pytest.fixture
-async def agent(idp: IdentityProvider, tmp_path: Path) -> AsyncIterator[Agent]:
+def agent_config() -> dict[str, Any]:
+    """Extra config sections; a test parametrizes it to change them."""
+    return {}
+
+
+@pytest.fixture
+async def agent(idp: IdentityProvider, tmp_path: Path,
+                agent_config: dict[str, Any]) -> AsyncIterator[Agent]:
     from agent.config import load_config
 
-    path = write_config(tmp_path / "config.yaml", idp, tmp_path)
+    path = write_config(tmp_path / "config.yaml", idp, tmp_path, **agent_config)
     running = Agent(path)
     ready = asyncio.Event()
 
@@ -209,3 +216,14 @@ async def test_login_refresh_logout_commands(
     monkeypatch.setenv("DEVICE_AGENT_SOCKET", str(load_config(agent.config_path).api.socket))
     status = await asyncio.to_thread(main, ["status"])
     assert status == EX_OK
+
+
+@pytest.mark.parametrize("agent_config", [{"sign_in": {"codes_per_hour": 1}}])
+async def test_login_with_the_budget_spent_exits_75_and_says_when(
+        agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent.driver is not None
+    await asyncio.wait_for(agent.driver.wait_for(lambda s: s.phase == Phase.AWAITING_USER), 5)
+    # The one code of this hour is on screen; another cannot come now.
+    status, out, err = await agent.cli("login", capsys=capsys)
+    assert status == EX_TEMPFAIL
+    assert "next one can come at" in err and "new code" not in out
