@@ -227,3 +227,16 @@ async def test_login_with_the_budget_spent_exits_75_and_says_when(
     status, out, err = await agent.cli("login", capsys=capsys)
     assert status == EX_TEMPFAIL
     assert "next one can come at" in err and "new code" not in out
+
+
+async def test_check_provider_reports_the_endpoints_the_daemon_uses(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Each configured endpoint wins; the rest come from the metadata, as in the daemon.
+    idp.settings.advertise_device_endpoint = False
+    device = f"{idp.base_url}/application/o/device/?via=config"
+    status = await asyncio.to_thread(_findings(
+        idp, tmp_path, device_authorization_endpoint=device))
+    out = capsys.readouterr().out
+    assert status == EX_OK, out
+    assert f"device endpoint {device}" in out
+    assert [r.query for r in idp.requests if r.endpoint == "device"] == [{"via": "config"}]
