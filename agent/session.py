@@ -1169,7 +1169,9 @@ class Session:
 
     def _sign_in_trouble(self, reason: str, hint: float | None) -> None:
         self._go(Region.SIGN_IN, "trouble", S.WAITING)
-        delay = self._code_backoff.next_delay(floor=min(hint or 0.0, self.settings.retry_max))
+        # Retry-After is a floor with jitter on top: a fleet given one hint spreads out.
+        floor = jittered(min(hint, self.settings.retry_max), self._rng) if hint else 0.0
+        delay = self._code_backoff.next_delay(floor=floor)
         self._pause_until = self._now.mono + delay
         self._wait_phase = Phase.NO_NETWORK
         self._sign_in_error = reason

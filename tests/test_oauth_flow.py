@@ -323,7 +323,7 @@ class TestPollAnswers:
         assert poller(now=100.0).connection_failed("x", now=170.0) == Expired(by_provider=False)
 
     @pytest.mark.parametrize("code", ["invalid_client", "unauthorized_client", "invalid_request",
-                                      "unsupported_grant_type", "invalid_scope", "weird_code"])
+                                      "unsupported_grant_type", "invalid_scope"])
     def test_other_errors_stop(self, code: str) -> None:
         event = poller().receive(error(code), now=105.0, now_wall=0)
         assert isinstance(event, Rejected)

@@ -40,11 +40,11 @@ from agent.oauth.events import (
 )
 from agent.oauth.models import Client, DeviceAuthorization, HttpRequest, HttpResponse
 from agent.oauth.wire import (
+    Verdict,
+    classify,
     form_request,
-    parse_error,
     parse_json_object,
     parse_token_answer,
-    retry_after,
     seconds_field,
 )
 
@@ -128,25 +128,30 @@ def receive_device_authorization(
     - any other error (RFC 8628 §3.2 refers to RFC 6749 §5.2): our client or scopes
       are refused; repeating the request will not help.
     """
-    hint = retry_after(response, now_wall=now_wall)
-    if response.status == 200:
-        try:
-            return _device_answer(response, now=now)
-        except MalformedResponse as exc:
-            return ServerTrouble(reason=str(exc))
-    error = parse_error(response)
-    if response.status == 429 or isinstance(error, SlowDownError):
+    answer = classify(response, now_wall=now_wall)
+    hint = answer.retry_after
+    match answer.verdict:
+        case Verdict.OK:
+            try:
+                return _device_answer(response, now=now)
+            except MalformedResponse as exc:
+                return ServerTrouble(reason=str(exc))
+        case Verdict.THROTTLE:
+            return Throttled(retry_after=hint)
+        case Verdict.TROUBLE:
+            return ServerTrouble(reason=answer.reason, retry_after=hint)
+    error = answer.error
+    if isinstance(error, SlowDownError):
         return Throttled(retry_after=hint)
-    if response.status >= 500 or isinstance(error, ServerError | TemporarilyUnavailable):
-        return ServerTrouble(reason=f"HTTP {response.status}", retry_after=hint)
+    if isinstance(error, ServerError | TemporarilyUnavailable):
+        return ServerTrouble(reason=answer.reason, retry_after=hint)
     if error is None:
         if response.status in (400, 401, 403):
             # authentik before 2025.8 answered an unknown client with a bare 400.
             return Rejected(error=UnknownOAuthError(
                 f"HTTP {response.status} without an error code", code="http_error",
                 status=response.status))
-        return ServerTrouble(reason=f"HTTP {response.status} without an error code",
-                             retry_after=hint)
+        return ServerTrouble(reason=answer.reason, retry_after=hint)
     return Rejected(error=error)
 
 
@@ -181,6 +186,12 @@ POLL_RULES: Mapping[type[OAuthError], PollRule] = {
         PollAction.EXPIRED,
         "RFC 8628 §3.5 expired_token: the device_code has expired; the client MAY "
         "commence a new device authorization request."),
+    # A code no RFC names (django-oauth-toolkit: 404 device_not_found): this code will
+    # not succeed, and a fresh one may; it is no verdict on the client's setup.
+    UnknownOAuthError: PollRule(
+        PollAction.EXPIRED,
+        "RFC 6749 §5.2 names no such error: the code is ended like an unknown error "
+        "and a new one is asked for."),
     # Special case, not in RFC 8628: authentik answers invalid_grant for a code that
     # expired (main-2026-04), was cleaned up (<= 2026.2) or was already redeemed.
     # Whatever the cause, this code will never succeed; a fresh one may.
@@ -239,24 +250,28 @@ class DevicePoll:
         )
 
     def receive(self, response: HttpResponse, *, now: float, now_wall: float) -> PollEvent:
-        if response.status == 200:
-            # The code is redeemed by now: only an answer without an access token is
-            # trouble; odd fields get a safe reading and a note.
-            try:
-                tokens, notes = parse_token_answer(response, now_wall=now_wall,
-                                                   requested_scope=self.scope)
-            except MalformedResponse as exc:
-                return self._trouble(str(exc), now=now, hint=None)
-            return Approved(tokens=tokens, notes=notes)
-        hint = retry_after(response, now_wall=now_wall)
-        error = parse_error(response)
-        if error is None:
-            if response.status == 429:
-                # A throttle without a body: the same request as slow_down.
-                error = SlowDownError(status=429)
-            else:
-                return self._trouble(f"HTTP {response.status} without an error code",
-                                     now=now, hint=hint)
+        answer = classify(response, now_wall=now_wall, client_authenticated=True)
+        hint = answer.retry_after
+        match answer.verdict:
+            case Verdict.OK:
+                # The code is redeemed by now: only an answer without an access token
+                # is trouble; odd fields get a safe reading and a note.
+                try:
+                    tokens, notes = parse_token_answer(response, now_wall=now_wall,
+                                                       requested_scope=self.scope)
+                except MalformedResponse as exc:
+                    return self._trouble(str(exc), now=now, hint=None)
+                return Approved(tokens=tokens, notes=notes)
+            case Verdict.TROUBLE:
+                return self._trouble(answer.reason, now=now, hint=hint)
+            case Verdict.THROTTLE:
+                # RFC 8628 §3.5: a throttle while polling is slow_down, whatever it says.
+                error: OAuthError = SlowDownError(status=429)
+            case Verdict.ERROR if answer.error is None:
+                return self._trouble(answer.reason, now=now, hint=hint)
+            case Verdict.ERROR:
+                assert answer.error is not None
+                error = answer.error
         rule = POLL_RULES.get(type(error), OTHER_ERRORS)
         match rule.action:
             case PollAction.KEEP_POLLING:

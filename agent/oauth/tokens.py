@@ -17,11 +17,11 @@ from agent.errors import (
 from agent.oauth.events import Refreshed, RefreshRejected, Rejected, ServerTrouble
 from agent.oauth.models import Client, HttpRequest, HttpResponse, TokenSet
 from agent.oauth.wire import (
+    Verdict,
+    classify,
     form_request,
-    parse_error,
     parse_json_object,
     parse_token_answer,
-    retry_after,
 )
 
 __all__ = [
@@ -62,23 +62,23 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
     - server_error, temporarily_unavailable, 5xx, 429, malformed: try again later.
     - any other error: the provider refuses our client; a new sign-in would not help.
     """
-    hint = retry_after(response, now_wall=now_wall)
-    if response.status == 200:
+    answer = classify(response, now_wall=now_wall, client_authenticated=True)
+    hint = answer.retry_after
+    if answer.verdict is Verdict.OK:
         try:
             tokens, notes = parse_token_answer(response, now_wall=now_wall,
                                                previous=previous)
         except MalformedResponse as exc:
             return ServerTrouble(reason=str(exc))
         return Refreshed(tokens=tokens, notes=notes)
-    error = parse_error(response)
-    if response.status >= 500 or response.status == 429 or isinstance(
+    error = answer.error
+    if answer.verdict in (Verdict.TROUBLE, Verdict.THROTTLE) or error is None or isinstance(
             error, ServerError | TemporarilyUnavailable):
-        return ServerTrouble(reason=f"HTTP {response.status}", retry_after=hint)
-    if error is None:
-        return ServerTrouble(reason=f"HTTP {response.status} without an error code",
-                             retry_after=hint)
+        return ServerTrouble(reason=answer.reason, retry_after=hint)
     if isinstance(error, InvalidGrant):
         return RefreshRejected(error=error)
+    # Any other code, one the RFCs name or not, ends this refresh; the refresh token is
+    # kept, since only invalid_grant says it is dead.
     return Rejected(error=error)
 
 
@@ -92,11 +92,12 @@ def revocation_request(token: str, *, hint: str, client: Client,
 def receive_revocation(response: HttpResponse) -> Rejected | ServerTrouble | None:
     """RFC 7009 §2.2: 200 means revoked, and also "the token was unknown". §2.2.1: 503
     means try later; other errors are RFC 6749 §5.2 errors."""
-    if response.status == 200:
+    answer = classify(response, client_authenticated=True)
+    if answer.verdict is Verdict.OK:
         return None
-    if response.status >= 500 or response.status == 429:
-        return ServerTrouble(reason=f"HTTP {response.status}")
-    error = parse_error(response) or UnknownOAuthError(
+    if answer.verdict in (Verdict.TROUBLE, Verdict.THROTTLE):
+        return ServerTrouble(reason=answer.reason, retry_after=answer.retry_after)
+    error = answer.error or UnknownOAuthError(
         f"HTTP {response.status}", code="http_error", status=response.status)
     return Rejected(error=error)
 

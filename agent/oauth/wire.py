@@ -10,14 +10,19 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from agent.errors import MalformedResponse, OAuthError, oauth_error
+from agent.errors import InvalidClient, MalformedResponse, OAuthError, oauth_error
 from agent.oauth.models import Client, HttpRequest, HttpResponse, TokenSet
 
 __all__ = [
     "MAX_SECONDS",
     "ODD_LIFETIME",
+    "Classified",
+    "Verdict",
+    "classify",
     "form_request",
     "parse_error",
     "parse_json_object",
@@ -85,6 +90,52 @@ def _json_int(literal: str) -> int | float:
     if len(literal) <= _MAX_INT_DIGITS:
         return int(literal)
     return -math.inf if literal.startswith("-") else math.inf
+
+
+class Verdict(Enum):
+    OK = "a success"
+    TROUBLE = "trouble on the way: retry later"
+    THROTTLE = "too many requests: wait, at least Retry-After"
+    ERROR = "an OAuth error (or a 4xx without one)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Classified:
+    verdict: Verdict
+    error: OAuthError | None = None
+    retry_after: float | None = None
+    reason: str = ""
+
+
+def classify(response: HttpResponse, *, now_wall: float | None = None,
+             client_authenticated: bool = False) -> Classified:
+    """One reading of an HTTP answer for every endpoint, status first.
+
+    - Any 5xx is trouble whatever its body: Keycloak answers 500 with
+      `"error":"unknown_error"`, which is no verdict on the request.
+    - Any 429 is a throttle whatever its error code; `Retry-After` comes with it.
+    - A 2xx that carries an RFC 6749 §5.2 `error` is that error (GitHub answers errors
+      with 200).
+    - A 401 where the client authenticates (the token and revocation endpoints) is
+      `invalid_client` (RFC 6749 §5.2, RFC 7009 §2.2.1).
+    - Any other 4xx is its error code, or an error without one (`error` None).
+    """
+    hint = retry_after(response, now_wall=now_wall)
+    status = response.status
+    if status >= 500:
+        return Classified(verdict=Verdict.TROUBLE, retry_after=hint, reason=f"HTTP {status}")
+    if status == 429:
+        return Classified(verdict=Verdict.THROTTLE, retry_after=hint, reason="HTTP 429")
+    error = parse_error(response)
+    if 200 <= status < 300:
+        if error is None:
+            return Classified(verdict=Verdict.OK)
+        return Classified(verdict=Verdict.ERROR, error=error, retry_after=hint,
+                          reason=f"HTTP {status} carrying {error.code}")
+    if status == 401 and client_authenticated and not isinstance(error, InvalidClient):
+        error = InvalidClient(error.description if error else None, status=401)
+    reason = f"HTTP {status}" + (f" {error.code}" if error else " without an error code")
+    return Classified(verdict=Verdict.ERROR, error=error, retry_after=hint, reason=reason)
 
 
 def parse_error(response: HttpResponse) -> OAuthError | None:
