@@ -47,7 +47,20 @@ def _priority(levelno: int) -> int:
     return 7
 
 
-class _JournalFormatter(logging.Formatter):
+# C0 controls and DEL, but tab: a device or user name holding a line break must not be
+# able to start a log line of its own (a forged "signed in as root").
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0a, 0x20), 0x7f)}
+
+
+class _OneLineFormatter(logging.Formatter):
+    """The message stays one line: control characters in it are escaped. Tracebacks,
+    appended after it, keep their line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_CONTROLS)
+
+
+class _JournalFormatter(_OneLineFormatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         prefix = f"<{_priority(record.levelno)}>"
@@ -109,7 +122,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None,
     if _writes_to_journal(out, env):
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(_PLAIN_FORMAT, _PLAIN_DATEFMT))
+        handler.setFormatter(_OneLineFormatter(_PLAIN_FORMAT, _PLAIN_DATEFMT))
 
     logger = logging.getLogger(_NAMESPACE)
     for old in list(logger.handlers):

@@ -709,6 +709,12 @@ class Session:
             raise NotSignedIn("the token expired and there is no refresh token")
         if self.refreshing and not refreshed:
             return Refresh()
+        gap = self._gap_left(now.mono)
+        if gap > 0 and not refreshed:
+            raise ProviderUnavailable(
+                f"refreshed {self._refresh_gap() - gap:.1f} s ago, and the token still "
+                f"lives less than the {min_ttl:.0f} s asked for; next refresh in "
+                f"{gap:.1f} s")
         if refreshed or self._in_refresh_backoff(now.mono):
             why = self._refresh_error or "the provider is not answering"
             retry = ""
@@ -1334,8 +1340,21 @@ class Session:
         # lands; half the lifetime is the most that still lets a token be used.
         due = lease.deadline - min(margin, 0.5 * lease.lifetime)
         if self._last_refresh is not None:
-            due = max(due, self._last_refresh + MIN_REFRESH_GAP)
+            due = max(due, self._last_refresh + self._refresh_gap())
         return due
+
+    def _refresh_gap(self) -> float:
+        """The least time between two refreshes, scheduled or asked for by a caller: it
+        scales down with short lifetimes (5 s tokens must not stay expired half the
+        time), and holds a caller looping on a min_ttl near the lifetime to one
+        refresh per gap instead of one per call."""
+        lifetime = self._lease.lifetime if self._lease is not None else None
+        return MIN_REFRESH_GAP if not lifetime else min(MIN_REFRESH_GAP, lifetime / 4)
+
+    def _gap_left(self, now: float) -> float:
+        if self._last_refresh is None:
+            return 0.0
+        return max(0.0, self._last_refresh + self._refresh_gap() - now)
 
     def _refresh_due_at(self) -> float | None:
         if self.states[Region.TOKENS] != T.VALID:
@@ -1355,7 +1374,7 @@ class Session:
         creds = self.credentials
         if state != T.VALID or creds is None or creds.tokens.refresh_token is None:
             return  # in flight already (shared), saving, or nothing to refresh with
-        if self._in_refresh_backoff(self._now.mono):
+        if self._in_refresh_backoff(self._now.mono) or self._gap_left(self._now.mono) > 0:
             return  # callers get provider_unavailable at once (token_for says so)
         endpoints = self._need_endpoints()
         if endpoints is None:

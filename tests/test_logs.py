@@ -68,11 +68,11 @@ def test_journal_mode_prefixes_every_line_of_a_traceback(stream: TextIO) -> None
         log.exception("write failed\nsecond line")
     log.warning("multi\nline")
     lines = _lines(stream)
-    assert lines[0] == "<3>write failed"
-    assert lines[1] == "<3>second line"
+    # A line break in a message is escaped (no forged lines); a traceback keeps its own.
+    assert lines[0] == "<3>write failed\\x0asecond line"
     assert "<3>Traceback (most recent call last):" in lines
-    assert lines[-3] == "<3>RuntimeError: disk on fire"
-    assert lines[-2:] == ["<4>multi", "<4>line"]
+    assert lines[-2] == "<3>RuntimeError: disk on fire"
+    assert lines[-1] == "<4>multi\\x0aline"
     assert all(re.match(r"<[3-7]>", line) for line in lines), lines
     assert not any(TIMESTAMP.search(line) for line in lines)
 
@@ -167,3 +167,13 @@ def test_fingerprint_tells_secrets_apart() -> None:
     assert fingerprint(SECRET) != fingerprint(SECRET + "x")
     assert fingerprint("") != fingerprint(None)
     assert fingerprint(None) == "none"
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_a_name_with_a_line_break_cannot_forge_a_log_line(stream: TextIO,
+                                                          journal: bool) -> None:
+    setup_logging("info", stream=stream, environ=_journal_stream(stream) if journal else {})
+    name = "Kitchen\n<3>2026-12-01 10:00:00 INFO agent.session: signed in as root\r\x1b[2J"
+    logging.getLogger("agent.session").info("device %s", name)
+    (line,) = _lines(stream)
+    assert "\\x0a" in line and "\\x0d" in line and "\\x1b" in line

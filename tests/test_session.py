@@ -1237,3 +1237,46 @@ def test_only_the_latest_device_request_is_answered() -> None:
     if second:
         pump.answer(second[0], code_answer("222222222"))
         assert pump.session.snapshot.user_code == "222222222"
+
+
+def test_short_token_lifetimes_are_refreshed_before_they_expire() -> None:
+    # Issue 9 item 14: with 5 s tokens a fixed 10 s gap left them expired half the time.
+    pump = Pump()
+    pump.show_code()
+    pump.answer(pump.poll_now(), token_answer("A0", "R0", expires_in=5))
+    numbers = itertools.count(1)
+
+    def rotate(_send: Send) -> HttpResponse:
+        n = next(numbers)
+        return token_answer(f"A{n}", f"R{n}", expires_in=5)
+
+    expired_at: list[float] = []
+    for _ in range(120):
+        pump.run_for(0.5, {"refresh": rotate})
+        left = pump.session.remaining(pump.now)
+        if left is not None and left <= 0:
+            expired_at.append(pump.elapsed)
+    assert len(pump.sends("refresh")) >= 10
+    assert expired_at == []
+
+
+def test_a_caller_looping_on_a_min_ttl_near_the_lifetime_gets_one_refresh_per_gap() -> None:
+    # Issue 9 item 5: a reader looping on min_ttl=3599.995 caused 886 refreshes in 10 s.
+    pump = Pump()
+    pump.start(stored(lifetime=3600))
+    numbers = itertools.count(2)
+    refused = 0
+    for _ in range(200):
+        try:
+            decision = pump.session.token_for(3599.995, pump.now)
+        except ProviderUnavailable:
+            refused += 1
+        else:
+            if isinstance(decision, Refresh):
+                pump.feed(Refresh())
+                if pump.open:
+                    n = next(numbers)
+                    pump.answer("refresh", token_answer(f"A{n}", f"R{n}"))
+        pump.advance(0.05)   # 200 calls in 10 s
+    assert len(pump.sends("refresh")) <= 2
+    assert refused >= 190
