@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError, StoreCorrupt, StoreError, StoreInsecure
+from agent.errors import AgentError, ConfigError, StoreError, StoreInsecure, StoreTooNew
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -86,7 +86,7 @@ def _run_service(config: AgentConfig, **serve_args: Any) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
-    except (StoreInsecure, StoreCorrupt) as exc:
+    except (StoreInsecure, StoreTooNew) as exc:
         # Restarting will not fix permissions or a damaged file; a person must.
         log.error("%s", exc)
         return EX_CONFIG

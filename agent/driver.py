@@ -14,11 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from agent.clock import Clock
-from agent.errors import NotSignedIn, ProviderUnavailable, StoreError, TransportError
+from agent.errors import (
+    NotSignedIn,
+    ProviderUnavailable,
+    StoreCorrupt,
+    StoreError,
+    TransportError,
+)
 from agent.oauth import HttpRequest, HttpResponse, TokenSet
 from agent.session import (
     Answered,
@@ -197,7 +204,16 @@ class Driver:
         """Read the store and the session record: valid credentials are served at once,
         with no network call."""
         self._loaded = True
-        creds = await asyncio.to_thread(self._store.load)
+        try:
+            creds = await asyncio.to_thread(self._store.load)
+        except StoreCorrupt as exc:
+            # A dead device helps nobody: the file is kept aside for a person to look
+            # at, and a new sign-in starts.
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock.time()))
+            moved = await asyncio.to_thread(self._store.quarantine, stamp=stamp)
+            log.error("the credential file is corrupt (%s); moved aside to %s; signing in "
+                      "anew", exc, moved)
+            creds = None
         if creds is not None and not self._belongs_here(creds):
             log.info("stored credentials belong to another client or issuer; signing in anew")
             creds = None

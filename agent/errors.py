@@ -9,7 +9,8 @@ No message ever carries a token, a device code or a secret.
     ├── StoreError
     │   ├── StoreLocked              another agent holds the credential store
     │   ├── StoreInsecure            the file or its directory is open to other users
-    │   └── StoreCorrupt             the file does not parse; it is left in place
+    │   ├── StoreCorrupt             the file does not parse; it is moved aside
+    │   └── StoreTooNew              written by a newer device-agent: refused, kept
     ├── TransportError               no usable HTTP answer
     │   ├── ConnectFailed            DNS, refused, unreachable, reset, dropped
     │   ├── RequestTimeout
@@ -59,6 +60,7 @@ __all__ = [
     "StoreError",
     "StoreInsecure",
     "StoreLocked",
+    "StoreTooNew",
     "TLSFailed",
     "TemporarilyUnavailable",
     "TransportError",
@@ -94,6 +96,10 @@ class StoreInsecure(StoreError):
 
 class StoreCorrupt(StoreError):
     pass
+
+
+class StoreTooNew(StoreError):
+    """Not corrupt: an upgrade reads it. Never moved aside or overwritten."""
 
 
 class TransportError(AgentError):

@@ -32,11 +32,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked
+from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked, StoreTooNew
 from agent.fsutil import (
     Problem,
     UnsafeFile,
     check_private_directory,
+    fsync_dir,
     read_private,
     remove_durably,
     remove_stale_temps,
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 """Bumped when a change would make an older agent misread the file."""
 
+# Corrupt credential files moved aside and kept for a person to look at.
+_CORRUPT_COPIES = 3
 _MAX_FILE_SIZE = 1 << 20  # far beyond any real token set; refuses to slurp a wrong file
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
@@ -180,8 +183,9 @@ class CredentialStore:
         """The stored credentials, or None when there is no file.
 
         Raises StoreInsecure for a file others can read or write, one owned by another
-        user, or a symbolic link; StoreCorrupt for one that does not parse, lacks a
-        field or comes from a newer format version (left in place either way).
+        user, or a symbolic link; StoreCorrupt for one that does not parse or lacks a
+        field; StoreTooNew for one from a newer format version (left in place either
+        way: `quarantine` moves a corrupt one aside).
         """
         if not self._check_directory():
             return None
@@ -244,6 +248,28 @@ class CredentialStore:
             write_atomic(self._path, data.encode("utf-8", "backslashreplace"), mode=_FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot write {self._path}: {_reason(exc)}") from None
+
+    def quarantine(self, *, stamp: str) -> Path | None:
+        """Move a corrupt file aside as `<name>.corrupt-<stamp>`, never deleting it (a
+        person may want to look), and keep only the newest few such copies. Returns
+        where it went, or None when there was no file."""
+        self._require_lock()
+        directory = self._path.parent
+        target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+        try:
+            os.rename(self._path, target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot move {self._path} aside: {_reason(exc)}") from None
+        try:
+            copies = sorted(directory.glob(f"{self._path.name}.corrupt-*"))
+            for old in copies[:-_CORRUPT_COPIES]:
+                old.unlink()
+            fsync_dir(directory)
+        except OSError as exc:
+            log.warning("cleaning up old corrupt copies in %s: %s", directory, _reason(exc))
+        return target
 
     def clear(self) -> None:
         """Remove the file durably (logout). Clearing an absent file is fine."""
@@ -362,7 +388,7 @@ def _decode(document: object, path: Path) -> Credentials:
         raise StoreCorrupt(f"{path} is not a valid credential file: version is not a "
                            f"positive integer")
     if version > FORMAT_VERSION:
-        raise StoreCorrupt(
+        raise StoreTooNew(
             f"{path} was written by a newer device-agent (format version {version}; this "
             f"one reads version {FORMAT_VERSION}); upgrade device-agent, or delete the "
             f"file and sign in again")

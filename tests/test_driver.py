@@ -539,3 +539,17 @@ async def test_min_ttl_beyond_the_token_lifetime_is_refused_without_a_refresh(
         with pytest.raises(MinTtlTooLong):
             await run.driver.get_token(7200)
     assert refreshes(provider) == 0
+
+
+async def test_a_corrupt_credential_file_is_moved_aside_and_a_new_sign_in_starts(
+        start_driver: StartDriver, provider: IdentityProvider, store_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 9 item 13: a corrupt file no longer leaves a dead device.
+    store_path.write_bytes(b'{"version": 1, "tokens": ')
+    store_path.chmod(0o600)
+    run = await start_driver()
+    await sign_in(run, provider)
+    [aside] = list(store_path.parent.glob("credentials.json.corrupt-*"))
+    assert aside.read_bytes() == b'{"version": 1, "tokens": '
+    assert any("corrupt" in r.getMessage() and r.levelno == logging.ERROR
+               for r in caplog.records)

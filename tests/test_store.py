@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from agent import fsutil
-from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked
+from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked, StoreTooNew
 from agent.fsutil import remove_durably, temp_path, write_atomic
 from agent.oauth.models import TokenSet
 from agent.store import FORMAT_VERSION, Credentials, CredentialStore
@@ -382,13 +382,30 @@ def test_non_finite_time_is_corrupt(store: CredentialStore, number: str) -> None
     _assert_corrupt_and_untouched(store, match="expires_at")
 
 
-def test_file_of_a_newer_version_is_corrupt_and_named(store: CredentialStore) -> None:
+def test_file_of_a_newer_version_is_refused_not_corrupt(store: CredentialStore) -> None:
+    # Issue 9 item 13: an upgrade reads it, so it is never moved aside as corrupt.
     document = saved_document(store)
     document["version"] = FORMAT_VERSION + 1
     write_raw(store.path, json.dumps(document).encode())
-    exc = _assert_corrupt_and_untouched(store)
-    assert f"version {FORMAT_VERSION + 1}" in str(exc)
-    assert "newer" in str(exc)
+    before = store.path.read_bytes()
+    with pytest.raises(StoreTooNew) as caught:
+        store.load()
+    assert not isinstance(caught.value, StoreCorrupt)
+    assert f"version {FORMAT_VERSION + 1}" in str(caught.value)
+    assert "newer" in str(caught.value)
+    assert store.path.read_bytes() == before
+
+
+def test_a_corrupt_file_is_moved_aside_and_only_the_newest_copies_kept(
+        store: CredentialStore) -> None:
+    for n in range(5):
+        write_raw(store.path, b"{ not json")
+        moved = store.quarantine(stamp=f"2026120{n}T000000Z")
+        assert moved is not None and moved.read_bytes() == b"{ not json"
+        assert not store.path.exists()
+    kept = sorted(p.name for p in store.path.parent.glob("credentials.json.corrupt-*"))
+    assert kept == [f"credentials.json.corrupt-2026120{n}T000000Z" for n in (2, 3, 4)]
+    assert store.quarantine(stamp="x") is None
 
 
 def test_unknown_keys_are_ignored(store: CredentialStore) -> None:
@@ -507,7 +524,7 @@ def test_no_token_reaches_messages_logs_or_reprs(
     for mutilated in (good[: len(good) // 2], good.replace(b'"Bearer"', b"17"),
                       good.replace(b'"version": 1', b'"version": 9')):
         write_raw(store.path, mutilated)
-        with pytest.raises(StoreCorrupt) as corrupt:
+        with pytest.raises((StoreCorrupt, StoreTooNew)) as corrupt:
             store.load()
         problems.append(corrupt.value)
     # A bare token pasted into the file, and a document cut short after its tokens.
