@@ -8,6 +8,7 @@ hostile endpoint cannot fill a small device's memory.
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlencode
@@ -21,6 +22,8 @@ from agent.oauth.models import HttpRequest, HttpResponse
 __all__ = ["Transport"]
 
 _CHUNK = 16_384
+# Earlier than any build of this agent: a wall clock before it has not been set.
+PLAUSIBLE_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
 
 
 class Transport:
@@ -46,6 +49,9 @@ class Transport:
                 headers={"User-Agent": f"device-agent/{__version__}"},
                 # A provider has no business setting cookies on a device client.
                 cookie_jar=aiohttp.DummyCookieJar(),
+                # HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (systemd's
+                # Environment= or a drop-in), as curl and every other client read them.
+                trust_env=True,
             )
         return self._session
 
@@ -69,7 +75,13 @@ class Transport:
                 return HttpResponse(status=response.status, body=body,
                                     headers=dict(response.headers))
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise TLSFailed(f"TLS with {_host(request.url)} failed: {_reason(exc)}") from None
+            reason = _reason(exc)
+            if "not yet valid" in reason or time.time() < PLAUSIBLE_TIME:
+                # A Pi has no real-time clock: before NTP syncs, every certificate
+                # looks like it is from the future.
+                raise TLSFailed(f"TLS with {_host(request.url)} failed: the clock is not "
+                                f"set yet (waiting for time sync): {reason}") from None
+            raise TLSFailed(f"TLS with {_host(request.url)} failed: {reason}") from None
         except TimeoutError:
             raise RequestTimeout(f"{_host(request.url)} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:

@@ -19,7 +19,8 @@ from agent.oauth import HttpRequest
 from agent.transport import Transport
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+def _self_signed(tmp_path: Path, *, valid_from: datetime.timedelta = datetime.timedelta(
+        minutes=-5)) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,8 +33,8 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + valid_from)
+        .not_valid_after(now + valid_from + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(
             [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -153,3 +154,54 @@ async def test_tls_verified_with_system_trust_and_the_configured_ca(tmp_path: Pa
             assert response.status == 200
     finally:
         await runner.cleanup()
+
+
+async def test_a_certificate_from_the_future_says_the_clock_is_not_set(tmp_path: Path) -> None:
+    # Issue 9 item 16: a Pi without a real-time clock before NTP has synced.
+    cert, key = _self_signed(tmp_path, valid_from=datetime.timedelta(days=3))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner, url = await _serve(context)
+    try:
+        async with Transport(ca_file=cert) as transport:
+            with pytest.raises(TLSFailed, match="clock is not set"):
+                await transport.send(HttpRequest(method="GET", url=f"{url}/echo"))
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 9 item 16: HTTP(S)_PROXY is honoured, as by curl.
+    seen: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        seen.append(str(request.url))
+        return web.json_response({"via": "proxy"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        async with Transport() as transport:
+            response = await transport.send(
+                HttpRequest(method="GET", url="http://idp.invalid/.well-known/x"))
+        assert response.status == 200
+        assert seen and seen[0].endswith("/.well-known/x")
+    finally:
+        await runner.cleanup()
+
+
+def test_a_web_page_where_json_was_expected_suggests_a_captive_portal() -> None:
+    from agent.oauth import HttpResponse, ServerTrouble, receive_device_authorization
+
+    page = HttpResponse(status=200, body=b"<!doctype html><title>Hotel Wi-Fi</title>",
+                        headers={"Content-Type": "text/html"})
+    event = receive_device_authorization(page, now=0.0)
+    assert isinstance(event, ServerTrouble) and "captive portal" in event.reason

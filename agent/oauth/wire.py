@@ -75,12 +75,22 @@ def parse_json_object(response: HttpResponse) -> dict[str, Any]:
     # ValueError covers JSONDecodeError and UnicodeDecodeError; a deeply nested body
     # raises RecursionError, which must not escape the sans-IO core either.
     except (ValueError, RecursionError) as exc:
+        if _looks_like_html(response) and response.status < 500:
+            raise MalformedResponse(
+                f"HTTP {response.status} answer is a web page, not JSON: the network may "
+                "need a sign-in (captive portal?)") from None
         raise MalformedResponse(
             f"HTTP {response.status} answer is not JSON ({type(exc).__name__})"
         ) from None
     if not isinstance(value, dict):
         raise MalformedResponse(f"HTTP {response.status} answer is JSON but not an object")
     return value
+
+
+def _looks_like_html(response: HttpResponse) -> bool:
+    content_type = next((v for k, v in response.headers.items()
+                         if k.lower() == "content-type"), "")
+    return "html" in content_type.lower() or response.body[:64].lstrip()[:1] == b"<"
 
 
 def _json_int(literal: str) -> int | float:
