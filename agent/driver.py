@@ -214,11 +214,21 @@ class Driver:
             log.error("the credential file is corrupt (%s); moved aside to %s; signing in "
                       "anew", exc, moved)
             creds = None
+        if creds is not None and self._cloned(creds):
+            # Not revoked: the refresh token is the other device's, and still its own.
+            log.warning("the credential file was written on another machine (a cloned SD "
+                        "card image?); signing in anew, and the other device keeps its "
+                        "sign-in")
+            creds = None
         if creds is not None and not self._belongs_here(creds):
             log.info("stored credentials belong to another client or issuer; signing in anew")
             creds = None
         record = await asyncio.to_thread(self._session_file.load)
         await self._feed(Start(credentials=creds, record=record))
+
+    def _cloned(self, creds: Credentials) -> bool:
+        here = self.settings.machine_id
+        return here is not None and creds.machine_id is not None and creds.machine_id != here
 
     def _belongs_here(self, creds: Credentials) -> bool:
         issuer = self.settings.issuer

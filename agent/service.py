@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.clock import Clock, SystemClock
@@ -65,7 +66,17 @@ def driver_settings(config: AgentConfig) -> SessionSettings:
         refresh_retry_initial=config.refresh.retry_initial,
         refresh_retry_max=config.refresh.retry_max,
         button="button_pin" in config.display.options,
+        machine_id=machine_id(),
     )
+
+
+def machine_id(path: Path = Path("/etc/machine-id")) -> str | None:
+    """machine-id(5): unique per installation (host names repeat on cloned images)."""
+    try:
+        value = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value if len(value) == 32 and all(c in "0123456789abcdef" for c in value) else None
 
 
 async def _drive_display(display: Display, driver: Driver, clock: Clock,

@@ -517,6 +517,8 @@ class SessionSettings:
     refresh_retry_max: float = 300.0
     # A button is wired: after unused codes, wait for a press (RFC 8628 §3.5).
     button: bool = False
+    # /etc/machine-id, written into the credentials of a sign-in on this device.
+    machine_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1257,7 +1259,7 @@ class Session:
         creds = Credentials(tokens=tokens, client_id=self.settings.client.client_id,
                             issuer=self.settings.issuer or (
                                 self.endpoints.issuer if self.endpoints else None),
-                            claims=claims)
+                            claims=claims, machine_id=self.settings.machine_id)
         previous = self.credentials
         replaced = previous.tokens if previous is not None and (
             previous.tokens.refresh_token != tokens.refresh_token) else None

@@ -73,6 +73,10 @@ class Credentials:
     issuer: str | None
     # Left out of the hash (a dict is unhashable); equality still compares it.
     claims: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # /etc/machine-id of the device that signed in: a cloned SD card image carries the
+    # file to other devices, which must sign in on their own rather than fight over one
+    # rotating refresh token. None in files from before it was written.
+    machine_id: str | None = None
 
 
 class CredentialStore:
@@ -285,13 +289,15 @@ class CredentialStore:
 # {
 #   "version": 1,
 #   "client_id": "...", "issuer": "..." | null, "claims": {"name": "...", ...},
+#   "machine_id": "<32 hex digits>" | null,
 #   "tokens": {"access_token": "...", "token_type": "Bearer", "issued_at": 1700000000.0,
 #              "expires_at": 1700000300.0 | null, "refresh_token": "..." | null,
 #              "id_token": "..." | null, "scope": "..." | null}
 # }
 #
 # Every key is written and every key is required on reading: a missing expires_at, say,
-# must not quietly become "never expires". Unknown keys are ignored.
+# must not quietly become "never expires". Unknown keys are ignored. The one exception is
+# "machine_id", added later in version 1: a file without it is from before, and is read.
 
 
 def _encode(credentials: Credentials) -> dict[str, Any]:
@@ -301,6 +307,7 @@ def _encode(credentials: Credentials) -> dict[str, Any]:
         "client_id": credentials.client_id,
         "issuer": credentials.issuer,
         "claims": dict(credentials.claims),
+        "machine_id": credentials.machine_id,
         "tokens": {
             "access_token": tokens.access_token,
             "token_type": tokens.token_type,
@@ -337,6 +344,12 @@ class _Fields:
         if not isinstance(value, str) or not value:
             raise self._corrupt(f"{self._where}{key} is not a non-empty string")
         return value
+
+    def text_if_present(self, key: str) -> str | None:
+        """For keys added after version 1 was first written: absent is None."""
+        if key not in self._obj:
+            return None
+        return self.optional_text(key)
 
     def optional_text(self, key: str) -> str | None:
         value = self.raw(key)
@@ -406,6 +419,7 @@ def _decode(document: object, path: Path) -> Credentials:
         client_id=top.text("client_id"),
         issuer=top.optional_text("issuer"),
         claims=top.text_map("claims"),
+        machine_id=top.text_if_present("machine_id"),
     )
 
 

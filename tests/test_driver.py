@@ -553,3 +553,25 @@ async def test_a_corrupt_credential_file_is_moved_aside_and_a_new_sign_in_starts
     assert aside.read_bytes() == b'{"version": 1, "tokens": '
     assert any("corrupt" in r.getMessage() and r.levelno == logging.ERROR
                for r in caplog.records)
+
+
+async def test_credentials_from_a_cloned_image_start_a_fresh_sign_in_and_revoke_nothing(
+        start_driver: StartDriver, provider: IdentityProvider, store_path: Path) -> None:
+    # Issue 9 item 16: N devices from one SD image must not fight over one refresh token.
+    first = await start_driver(machine_id="a" * 32)
+    await sign_in(first, provider)
+    original = await first.driver.get_token()
+    await first.stop()
+    assert '"machine_id": "' + "a" * 32 in store_path.read_text()
+    clone = await start_driver(machine_id="b" * 32)
+    shown = await clone.until_phase(Phase.AWAITING_USER)
+    assert shown.user is None
+    assert provider.refresh_token_valid(original.refresh_token or "")
+    assert not [r for r in provider.requests if r.endpoint == "revoke"]
+    # A file from before machine ids were written is still this device's.
+    await clone.stop()
+    legacy = store_path.read_text().replace('"machine_id": "' + "a" * 32 + '"',
+                                            '"machine_id": null')
+    store_path.write_text(legacy)
+    again = await start_driver(machine_id="b" * 32)
+    await again.driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN)

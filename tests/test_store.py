@@ -146,7 +146,7 @@ def test_round_trip_keeps_every_field(store: CredentialStore, creds: Credentials
 def test_file_is_versioned_readable_json(store: CredentialStore) -> None:
     document = saved_document(store)
     assert document["version"] == FORMAT_VERSION == 1
-    assert set(document) == {"version", "client_id", "issuer", "claims", "tokens"}
+    assert set(document) == {"version", "client_id", "issuer", "claims", "machine_id", "tokens"}
     assert set(document["tokens"]) == {"access_token", "token_type", "issued_at", "expires_at",
                                        "refresh_token", "id_token", "scope"}
     text = store.path.read_text(encoding="utf-8")
