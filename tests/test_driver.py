@@ -574,4 +574,6 @@ async def test_credentials_from_a_cloned_image_start_a_fresh_sign_in_and_revoke_
                                             '"machine_id": null')
     store_path.write_text(legacy)
     again = await start_driver(machine_id="b" * 32)
-    await again.driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN)
+    # Signed in (the clone's own code may still be on screen beside it).
+    await again.until(lambda s: s.user == "Alice Example", max_seconds=1)
+    assert (await again.driver.get_token()).access_token == original.access_token
