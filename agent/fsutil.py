@@ -256,3 +256,33 @@ def read_private(path: Path, max_size: int) -> bytes | None:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# File systems whose content does not survive a power cut (or, for overlay, usually
+# sits on one that does not: a read-only root with a RAM upper layer).
+VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "overlay", "zram"})
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the file system `path` lives on, from /proc/self/mountinfo
+    (proc(5)); None when it cannot be told."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8",
+                                                               errors="replace")
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        # Octal escapes (\040 for a space) as the kernel writes them.
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        # The last of equal mount points wins: it is the one stacked on top.
+        if inside and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), right.split()[0])
+    return best[1] if best else None

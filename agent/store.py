@@ -34,9 +34,11 @@ from typing import Any, Self
 
 from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked, StoreTooNew
 from agent.fsutil import (
+    VOLATILE_FILESYSTEMS,
     Problem,
     UnsafeFile,
     check_private_directory,
+    filesystem_type,
     fsync_dir,
     read_private,
     remove_durably,
@@ -123,6 +125,11 @@ class CredentialStore:
         if removed:
             log.warning("removed %d temporary file(s) an interrupted write left in %s",
                         removed, directory)
+        kind = filesystem_type(directory)
+        if kind in VOLATILE_FILESYSTEMS:
+            log.warning("%s is on %s: the sign-in is lost at every power cut and a person "
+                        "must sign the device in again; set storage.path to persistent "
+                        "storage (e.g. /var/lib/device-agent)", directory, kind)
 
     def close(self) -> None:
         """Release the lock. The lock file stays: removing it would let a process that

@@ -753,3 +753,37 @@ def test_a_claim_with_a_lone_surrogate_is_saved_and_read_back(store_path: Path) 
     with CredentialStore(store_path) as store:
         store.save(creds)
         assert store.load() == creds
+
+
+MOUNTINFO = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw
+40 27 0:30 / /var/lib/with\\040space rw - overlay overlay rw
+41 27 0:31 / /var/lib/device-agent rw - ext4 /dev/sda1 rw
+42 41 0:32 / /var/lib/device-agent rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/", "ext4"), ("/home/pi/x", "ext4"), ("/dev/shm/agent", "tmpfs"),
+    ("/dev/shmx", "ext4"), ("/var/lib/with space/c.json", "overlay"),
+    # The mount stacked last on the same point is the one in use.
+    ("/var/lib/device-agent/credentials.json", "tmpfs"),
+])
+def test_the_file_system_of_a_path_is_read_from_mountinfo(path: str, kind: str) -> None:
+    from agent.fsutil import filesystem_type
+
+    assert filesystem_type(Path(path), MOUNTINFO) == kind
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_a_store_on_tmpfs_warns_that_the_sign_in_dies_at_a_power_cut(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 9 item 16.
+    import tempfile
+
+    with (tempfile.TemporaryDirectory(dir="/dev/shm") as shm,
+          CredentialStore(Path(shm) / "state" / "credentials.json")):
+        pass
+    assert any("power cut" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
