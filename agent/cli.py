@@ -146,34 +146,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- commands that talk to a running agent ---------------------------------------
 
 def _socket_path(args: argparse.Namespace) -> Path:
+    """--socket, DEVICE_AGENT_SOCKET, a config named with --config or DEVICE_AGENT_CONFIG,
+    the service's socket, then the per-user one. The config is read only when named: a
+    token reader may not be allowed to read it (it can hold a client secret)."""
     if args.socket:
         return Path(args.socket)
     if os.environ.get("DEVICE_AGENT_SOCKET"):
         return Path(os.environ["DEVICE_AGENT_SOCKET"])
     config_arg = args.config or os.environ.get("DEVICE_AGENT_CONFIG")
-    if config_arg or DEFAULT_CONFIG.exists():
+    if config_arg:
         from agent.config import load_config
 
-        try:
-            return load_config(_config_path(config_arg)).api.socket
-        except ConfigError as exc:
-            if config_arg:
-                raise
-            log.debug("ignoring %s: %s", DEFAULT_CONFIG, exc)
-    from agent.config import default_socket_path
+        return load_config(_config_path(config_arg)).api.socket
+    from agent.client import SERVICE_SOCKET
+
+    if os.path.lexists(SERVICE_SOCKET):
+        return SERVICE_SOCKET
+    from agent.paths import default_socket_path
 
     return default_socket_path()
 
 
 def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    from agent.client import AgentNotAllowed, AgentUnavailable, call
+    from agent.client import (
+        AgentNotAllowed,
+        AgentUnavailable,
+        SocketUntrusted,
+        call,
+        check_socket,
+    )
 
     try:
         path = _socket_path(args)
     except ConfigError as exc:
         return EX_CONFIG, {"message": f"configuration error: {exc}"}
     try:
+        check_socket(path)
         answer = call(path, method, target)
+    except SocketUntrusted as exc:
+        return EX_NOPERM, {"message": str(exc)}
     except AgentNotAllowed as exc:
         return EX_NOPERM, {"message": str(exc)}
     except AgentUnavailable as exc:

@@ -31,6 +31,7 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.hooks import HOOK_EVENTS
+from agent.paths import default_socket_path, default_state_path
 
 __all__ = [
     "DISPLAY_TYPES",
@@ -55,7 +56,6 @@ __all__ = [
     "parse_duration",
 ]
 
-APP_NAME: Final = "device-agent"
 
 # The device classes luma.oled can drive; the panel factory builds them by this name.
 OLED_DISPLAY_TYPES: Final = frozenset({
@@ -75,36 +75,6 @@ _MAX_SOCKET_PATH_BYTES: Final = 107
 
 
 # -- defaults from the environment ------------------------------------------------
-
-def _env_dir(name: str) -> Path | None:
-    """First entry of a directory variable. systemd joins several `StateDirectory=`
-    entries with colons; the XDG spec says relative values are invalid and ignored."""
-    first = os.environ.get(name, "").split(":", 1)[0]
-    return Path(first) if first and os.path.isabs(first) else None
-
-
-def default_state_path() -> Path:
-    """$STATE_DIRECTORY/credentials.json under systemd, else the XDG state directory."""
-    state_dir = _env_dir("STATE_DIRECTORY")
-    if state_dir is not None:
-        return state_dir / "credentials.json"
-    xdg = _env_dir("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return xdg / APP_NAME / "credentials.json"
-
-
-def default_socket_path() -> Path:
-    """$RUNTIME_DIRECTORY/agent.sock under systemd, else the per-user runtime directory.
-
-    The CLI falls back to this when it has no config, so `device-agent token` finds the
-    demo and a per-user agent without flags."""
-    runtime_dir = _env_dir("RUNTIME_DIRECTORY")
-    if runtime_dir is not None:
-        return runtime_dir / "agent.sock"
-    xdg = _env_dir("XDG_RUNTIME_DIR")
-    if xdg is not None:
-        return xdg / APP_NAME / "agent.sock"
-    return Path("/tmp") / f"{APP_NAME}-{os.getuid()}" / "agent.sock"
-
 
 def _empty_options() -> Mapping[str, Any]:
     return MappingProxyType({})

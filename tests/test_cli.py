@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.cli import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, main
+from agent.cli import EX_CONFIG, EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, main
 from agent.driver import Driver
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 from agent.service import serve
@@ -240,3 +244,74 @@ async def test_check_provider_reports_the_endpoints_the_daemon_uses(
     assert status == EX_OK, out
     assert f"device endpoint {device}" in out
     assert [r.query for r in idp.requests if r.endpoint == "device"] == [{"via": "config"}]
+
+
+def _planted_socket(directory: Path) -> tuple[Path, socket.socket]:
+    """A listening socket: what a local attacker would leave to hand out its token."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.setblocking(False)
+    return path, listener
+
+
+def _accepted(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
+@pytest.mark.parametrize("where", ["owned_by_another_user", "world_writable",
+                                   "socket_of_another_user"])
+def test_token_refuses_a_socket_another_local_user_could_have_planted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    # Issue 9 item 7: a planted fake socket made `device-agent token` print an
+    # attacker's token with exit 0.
+    stranger = 4242
+    directory = tmp_path / "run"
+    path, listener = _planted_socket(directory)
+    if where == "owned_by_another_user":
+        os.chown(directory, stranger, stranger)
+    elif where == "world_writable":
+        directory.chmod(0o777)
+    else:
+        os.chown(path, stranger, stranger)
+    try:
+        status = main(["token", "--socket", str(path)])
+        err = capsys.readouterr().err
+        assert status == EX_NOPERM, err
+        assert "refusing" in err or "not a socket" in err
+        assert not _accepted(listener)  # it was never even connected to
+    finally:
+        listener.close()
+
+
+def test_a_socket_in_a_sticky_directory_is_trusted_when_its_own_directory_is_ours(
+        tmp_path: Path) -> None:
+    # /tmp/device-agent-UID under a sticky, world-writable /tmp: the demo's fallback.
+    from agent.client import check_socket
+
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    path, listener = _planted_socket(sticky / "device-agent-0")
+    try:
+        check_socket(path)
+    finally:
+        listener.close()
+
+
+def test_a_token_read_does_not_read_the_config(tmp_path: Path) -> None:
+    # Readers may not read the config, and a token read must not pay for yaml.
+    code = ("import sys; from agent.cli import main; main(['token']); "
+            "print('yaml' in sys.modules, 'agent.config' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_AGENT")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # no agent there: "not running", exit 69
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=False).stdout
+    assert out.split()[-2:] == ["False", "False"], out
