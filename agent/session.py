@@ -57,7 +57,6 @@ from agent.oauth import (
     Throttled,
     TokenSet,
     device_authorization_request,
-    id_token_claims,
     receive_device_authorization,
     receive_refresh,
     receive_revocation,
@@ -68,6 +67,7 @@ from agent.oauth import (
 )
 from agent.oauth.discovery import Discovery, ExplicitEndpoints
 from agent.oauth.flow import PollEvent
+from agent.oauth.tokens import check_id_token, userinfo_matches
 from agent.pacing import Backoff, CodeBudget
 from agent.sessionfile import PendingCode, PendingRevocation, SessionRecord
 from agent.state import Phase, Snapshot
@@ -1255,11 +1255,10 @@ class Session:
         self._pause_until = None
         self._sign_in_error = None
         self._wait_phase = Phase.STARTING
-        claims = id_token_claims(tokens.id_token)
+        tokens, claims = self._checked_id_token(tokens, previous=None)
         creds = Credentials(tokens=tokens, client_id=self.settings.client.client_id,
-                            issuer=self.settings.issuer or (
-                                self.endpoints.issuer if self.endpoints else None),
-                            claims=claims, machine_id=self.settings.machine_id)
+                            issuer=self._issuer(), claims=claims,
+                            machine_id=self.settings.machine_id)
         previous = self.credentials
         replaced = previous.tokens if previous is not None and (
             previous.tokens.refresh_token != tokens.refresh_token) else None
@@ -1274,6 +1273,27 @@ class Session:
             return False
         left = lease.remaining(self._now)
         return left is None or left > 0 or creds.tokens.refresh_token is not None
+
+    def _issuer(self) -> str | None:
+        return self.settings.issuer or (self.endpoints.issuer if self.endpoints else None)
+
+    def _checked_id_token(self, tokens: TokenSet, *, previous: TokenSet | None
+                          ) -> tuple[TokenSet, dict[str, str]]:
+        """The tokens with only an ID token that passed OpenID Connect's checks, and its
+        claims. A failed check drops the ID token, never the access and refresh tokens
+        of the same answer: the provider has rotated by then. After a refresh that
+        brought no ID token, the old one is not served as if it were current."""
+        id_token = tokens.id_token
+        if id_token is None or (previous is not None and id_token == previous.id_token):
+            return replace(tokens, id_token=None), {}
+        claims, problem = check_id_token(id_token, issuer=self._issuer(),
+                                         client_id=self.settings.client.client_id,
+                                         now_wall=self._now.wall)
+        if problem is not None:
+            self._log(logging.WARNING, f"{problem}; the ID token and its claims are dropped "
+                      "(the access and refresh tokens are kept)")
+            return replace(tokens, id_token=None), {}
+        return tokens, claims
 
     def _save(self, trigger: str, creds: Credentials, lease: Lease, *,
               revoke: TokenSet | None = None, userinfo: bool = False) -> None:
@@ -1417,8 +1437,8 @@ class Session:
             case Refreshed(tokens=tokens):
                 for note in event.notes:
                     self._log(logging.WARNING, f"token answer: {note}")
-                claims = {**creds.claims, **id_token_claims(tokens.id_token)}
-                new = replace(creds, tokens=tokens, claims=claims)
+                tokens, fresh_claims = self._checked_id_token(tokens, previous=sent_with)
+                new = replace(creds, tokens=tokens, claims={**creds.claims, **fresh_claims})
                 self._last_refresh = now.mono
                 self._refresh_retry_at = None
                 self._refresh_error = None
@@ -1492,6 +1512,10 @@ class Session:
         if (creds is None or out.tokens is None or not claims
                 or creds.tokens.access_token != out.tokens.access_token
                 or self.states[Region.TOKENS] != T.VALID):
+            return
+        if not userinfo_matches(claims, creds.claims):
+            self._log(logging.WARNING, "userinfo names another subject than the ID token "
+                      "(OpenID Connect Core §5.3.2); its claims are not used")
             return
         self._rewrite(replace(creds, claims={**creds.claims, **claims}))
 

@@ -32,6 +32,7 @@ from agent.session import (
     IllegalInput,
     Input,
     Instant,
+    Log,
     Login,
     Logout,
     Record,
@@ -116,7 +117,8 @@ def jwt(claims: Mapping[str, Any]) -> str:
     return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
 
 
-ALICE_ID_TOKEN = jwt({"sub": "u-1", "name": "Alice"})
+ALICE = {"sub": "u-1", "name": "Alice", "aud": "device-agent", "iat": W0, "exp": W0 + 3600}
+ALICE_ID_TOKEN = jwt(ALICE)
 OMIT: Any = object()
 
 
@@ -1280,3 +1282,68 @@ def test_a_caller_looping_on_a_min_ttl_near_the_lifetime_gets_one_refresh_per_ga
         pump.advance(0.05)   # 200 calls in 10 s
     assert len(pump.sends("refresh")) <= 2
     assert refused >= 190
+
+
+
+# -- OpenID Connect checks (issue 9 item 3) ---------------------------------------------
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"aud": "someone-else"}, "aud"),
+    ({"aud": ["device-agent", "api"]}, "azp"),
+    ({"aud": ["device-agent", "api"], "azp": "api"}, "azp"),
+    ({"exp": W0 - 3600}, "expired"),
+    ({"iat": W0 + 3600}, "future"),
+    ({"iss": "https://evil.test/"}, "iss"),
+])
+def test_an_id_token_that_fails_a_check_is_dropped_but_the_tokens_are_kept(
+        change: dict[str, Any], problem: str) -> None:
+    pump = Pump(make_settings(issuer=ISSUER))
+    pump.start()
+    pump.answer("discovery", metadata())
+    pump.answer("device", code_answer())
+    effects = pump.answer(pump.poll_now(), token_answer(
+        "A2", "R2", id_token=jwt({**ALICE, "iss": ISSUER, **change})))
+    creds = pump.session.credentials
+    assert creds is not None
+    assert (creds.tokens.access_token, creds.tokens.refresh_token) == ("A2", "R2")
+    assert creds.tokens.id_token is None and "name" not in creds.claims
+    assert [s.credentials.tokens.refresh_token for s in saves(effects)][:1] == ["R2"]
+    assert any(problem in e.message for e in effects if isinstance(e, Log))
+
+
+def test_a_checked_id_token_is_kept_with_its_claims() -> None:
+    pump = Pump(make_settings(issuer=ISSUER))
+    pump.start()
+    pump.answer("discovery", metadata())
+    pump.answer("device", code_answer())
+    good = jwt({**ALICE, "iss": ISSUER, "aud": ["device-agent", "api"], "azp": "device-agent"})
+    pump.answer(pump.poll_now(), token_answer("A2", "R2", id_token=good))
+    creds = pump.session.credentials
+    assert creds is not None and creds.tokens.id_token == good
+    assert creds.claims["name"] == "Alice"
+
+
+def test_after_a_refresh_without_an_id_token_the_old_one_is_not_served_as_current() -> None:
+    pump = Pump()
+    pump.show_code()
+    pump.answer(pump.poll_now(), token_answer("A2", "R2"))
+    assert pump.session.credentials is not None
+    assert pump.session.credentials.tokens.id_token == ALICE_ID_TOKEN
+    pump.feed(Refresh())
+    pump.answer("refresh", token_answer("A3", "R3", id_token=None))
+    creds = pump.session.credentials
+    assert creds is not None and creds.tokens.access_token == "A3"
+    assert creds.tokens.id_token is None
+    assert creds.claims["name"] == "Alice"   # who signed in is still known
+
+
+def test_userinfo_naming_another_subject_is_not_used() -> None:
+    # OpenID Connect Core §5.3.2.
+    pump = Pump()
+    pump.show_code()
+    nameless = jwt({k: v for k, v in ALICE.items() if k != "name"})
+    pump.answer(pump.poll_now(), token_answer("A2", "R2", id_token=nameless))
+    pump.answer("userinfo", reply(200, {"sub": "someone-else", "name": "Mallory"}))
+    creds = pump.session.credentials
+    assert creds is not None and "name" not in creds.claims
+    assert pump.session.snapshot.user == "u-1"

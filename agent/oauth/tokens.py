@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from agent.errors import (
@@ -26,12 +27,14 @@ from agent.oauth.wire import (
 
 __all__ = [
     "USER_CLAIMS",
+    "check_id_token",
     "id_token_claims",
     "receive_refresh",
     "receive_revocation",
     "receive_userinfo",
     "refresh_request",
     "revocation_request",
+    "userinfo_matches",
     "userinfo_request",
 ]
 
@@ -132,21 +135,73 @@ def receive_userinfo(response: HttpResponse) -> dict[str, str]:
     return _keep_user_claims(parse_json_object(response))
 
 
-def id_token_claims(id_token: str | None) -> dict[str, str]:
-    """The user claims of an ID token, for showing who signed in.
+# How far the provider's clock and ours may disagree for exp and iat. A Pi without a
+# real-time clock is checked only once its clock is plausible (the session waits).
+CLOCK_LEEWAY = 300.0
 
-    The signature is not checked: the token came straight from the token endpoint
-    over TLS (OpenID Connect Core §3.1.3.7 allows that), and the claims only label
-    the screen; nothing is authorised by them. Anything unreadable yields {}.
-    """
-    if not id_token:
-        return {}
+
+def _payload(id_token: str) -> dict[str, Any] | None:
     parts = id_token.split(".")
     if len(parts) != 3:
-        return {}
+        return None
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    except (binascii.Error, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def check_id_token(id_token: str, *, issuer: str | None, client_id: str,
+                   now_wall: float) -> tuple[dict[str, str], str | None]:
+    """The user claims of an ID token checked as OpenID Connect Core §3.1.3.7 says, and
+    the first problem found (then the claims are {} and the token must be dropped).
+
+    - item 2: `iss` is the issuer (when one is configured or discovered);
+    - item 3: `aud` holds our client_id; items 4-5: with several audiences, `azp` is
+      present, and when present it is our client_id;
+    - item 9: `exp` has not passed; item 10: `iat` is not in the future.
+    The signature is not checked, as item 6 allows for a token received straight from
+    the token endpoint over TLS: that connection authenticated the provider. The claims
+    only label screens and status; nothing is authorised by them.
+    """
+    claims = _payload(id_token)
+    if claims is None:
+        return {}, "the ID token is not a readable JWT"
+    found_issuer = claims.get("iss")
+    if issuer is not None and (not isinstance(found_issuer, str)
+                               or found_issuer.rstrip("/") != issuer.rstrip("/")):
+        return {}, "the ID token's iss is not the provider's issuer"
+    audience = claims.get("aud")
+    audiences = [audience] if isinstance(audience, str) else audience
+    if not isinstance(audiences, list) or client_id not in audiences:
+        return {}, "the ID token's aud does not name this client"
+    azp = claims.get("azp")
+    if (len(audiences) > 1 and azp is None) or (azp is not None and azp != client_id):
+        return {}, "the ID token's azp is not this client"
+    for key in ("exp", "iat"):
+        value = claims.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return {}, f"the ID token has no usable {key}"
+    if claims["exp"] + CLOCK_LEEWAY < now_wall:
+        return {}, "the ID token has expired"
+    if claims["iat"] - CLOCK_LEEWAY > now_wall:
+        return {}, "the ID token was issued in the future"
+    return _keep_user_claims(claims), None
+
+
+def id_token_claims(id_token: str | None) -> dict[str, str]:
+    """The user claims of an ID token, unchecked: for labels where the token was
+    already checked when it arrived (`check_id_token`). Anything unreadable yields {}."""
+    if not id_token:
         return {}
-    return _keep_user_claims(claims) if isinstance(claims, dict) else {}
+    claims = _payload(id_token)
+    return _keep_user_claims(claims) if claims is not None else {}
+
+
+def userinfo_matches(userinfo: dict[str, str], claims: dict[str, str] | Mapping[str, str]
+                     ) -> bool:
+    """OpenID Connect Core §5.3.2: the userinfo `sub` MUST exactly match the ID token's,
+    or its values MUST NOT be used. Without an ID token there is nothing to match."""
+    expected = claims.get("sub")
+    return expected is None or userinfo.get("sub") == expected
