@@ -196,6 +196,11 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         # Callers go first (event streams would hold the shutdown); then a refresh in
         # flight gets its grace to land on disk.
         await api.close()
+        if not driver.session.settled():
+            # A refresh or an approval is in flight: the provider may have rotated, and
+            # its answer must reach the disk before the process ends.
+            notifier.extend_timeout(REFRESH_GRACE + 1.0, "Stopping: waiting for an answer "
+                                    "from the provider to reach the disk")
         await driver.stop(REFRESH_GRACE)
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):

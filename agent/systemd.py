@@ -147,6 +147,12 @@ class Notifier:
             self._last_status = _one_line(status)
             self.notify(STOPPING="1", STATUS=self._last_status)
 
+    def extend_timeout(self, seconds: float, status: str) -> None:
+        """sd_notify(3) EXTEND_TIMEOUT_USEC: the stop takes up to `seconds` more, for a
+        reason `systemctl status` shows, so systemd does not kill it midway."""
+        self._last_status = _one_line(status)
+        self.notify(EXTEND_TIMEOUT_USEC=str(int(seconds * 1_000_000)), STATUS=self._last_status)
+
     def close(self) -> None:
         self._closed = True
         if self._sock is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from agent.config import config_from_mapping
 from agent.display.screens import Screen
 from agent.driver import Driver
-from agent.idp import IdentityProvider
+from agent.idp import IdentityProvider, ProviderSettings
 from agent.service import serve
 from agent.state import Phase
 from tests.clock import ManualClock
@@ -94,3 +94,43 @@ async def test_a_locked_store_stops_start_up_and_leaves_nothing_running(
     await asyncio.sleep(0)
     assert asyncio.all_tasks() == before
     assert not (tmp_path / "agent.sock").exists()
+
+
+async def test_sigterm_during_a_slow_refresh_waits_for_the_rotated_token_to_reach_the_disk(
+        provider_settings: ProviderSettings, provider: IdentityProvider,
+        tmp_path: Path) -> None:
+    # Issue 9 item 11: a provider answering in 3 s during a stop lost the sign-in. The
+    # agent runs on the real clock here: the grace it gives is real time.
+    from agent.idp import Slow
+    from agent.store import CredentialStore
+
+    provider_settings.interval = 1
+
+    store_path = tmp_path / "state" / "credentials.json"
+    config = config_from_mapping({
+        "provider": {"issuer": provider.issuer, "client_id": "device-agent",
+                     "allow_insecure_http": True},
+        "display": {"type": "none"},
+        "storage": {"path": str(store_path)},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
+    ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, shutdown=stop.wait(),
+                                     use_default_display=False, on_ready=ready.set_result))
+    driver = await asyncio.wait_for(ready, 5)
+    await asyncio.wait_for(driver.wait_for(lambda s: s.phase == Phase.AWAITING_USER), 5)
+    provider.approve()
+    await asyncio.wait_for(driver.wait_for(lambda s: s.phase == Phase.SIGNED_IN), 5)
+    provider.script("token", Slow(3.0))
+    old = driver.credentials.tokens.refresh_token if driver.credentials else None
+    refresh = asyncio.create_task(driver.refresh())
+    await asyncio.sleep(0.2)            # the provider has rotated; its answer is slow
+    assert not provider.refresh_token_valid(old or "")
+    stop.set()                          # SIGTERM
+    await asyncio.wait_for(task, 10)
+    refresh.cancel()
+    [live] = provider.live_refresh_tokens()
+    with CredentialStore(store_path) as store:
+        creds = store.load()
+    assert creds is not None and creds.tokens.refresh_token == live

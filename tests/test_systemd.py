@@ -147,6 +147,14 @@ def test_messages_arrive_in_order_with_exact_bytes(
     _assert_empty(sock)
 
 
+def test_a_stop_that_waits_extends_the_timeout_and_says_why(
+        manager: tuple[str, socket.socket], notifier: Notifier) -> None:
+    # Issue 9 item 11: systemd must not kill a stop that waits for rotated tokens.
+    _, sock = manager
+    notifier.extend_timeout(9.0, "Stopping: waiting for an answer")
+    assert _recv(sock) == b"EXTEND_TIMEOUT_USEC=9000000\nSTATUS=Stopping: waiting for an answer"
+
+
 def test_ready_and_stopping_without_status(
         manager: tuple[str, socket.socket], notifier: Notifier) -> None:
     _, sock = manager

@@ -16,6 +16,7 @@ from agent.idp.provider import (
     IdentityProvider,
     ProviderSettings,
     RecordedRequest,
+    Slow,
     serve_provider,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "IdentityProvider",
     "ProviderSettings",
     "RecordedRequest",
+    "Slow",
     "serve_provider",
 ]

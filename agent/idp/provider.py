@@ -163,6 +163,14 @@ class Delay:
 
 
 @dataclass(frozen=True)
+class Slow:
+    """Answer normally, but only `seconds` of real time after the work is done: the
+    provider has rotated the refresh token before the client hears of it."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Answer:
     """An arbitrary answer instead of the normal one: `json` is serialised; `body` is
     sent as is (for malformed answers); neither means an empty body."""
@@ -177,7 +185,7 @@ class Answer:
             raise ValueError("give json or body, not both")
 
 
-Action = Fail | Drop | Delay | Answer
+Action = Fail | Drop | Delay | Slow | Answer
 
 
 @dataclass(kw_only=True)
@@ -445,6 +453,10 @@ class IdentityProvider:
             return _Dropped()
         if isinstance(action, Delay):
             await asyncio.sleep(action.seconds)
+        if isinstance(action, Slow):
+            answer = await handler(request, form)
+            await asyncio.sleep(action.seconds)
+            return answer
         return await handler(request, form)
 
     # -- discovery and keys --------------------------------------------------------------
