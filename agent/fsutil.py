@@ -78,26 +78,65 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _create_temp(path: Path, mode: int) -> tuple[Path, int]:
+def _create_temp(path: Path, mode: int, dir_fd: int) -> tuple[str, int]:
     # O_EXCL + O_NOFOLLOW: never open something another user planted under our name.
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     for attempt in range(_CREATE_ATTEMPTS):
-        candidate = temp_path(path)
+        candidate = temp_path(path).name
         try:
-            return candidate, os.open(candidate, flags, mode)
+            return candidate, os.open(candidate, flags, mode, dir_fd=dir_fd)
         except FileExistsError:
             if attempt == _CREATE_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 
 
+class UnsafeDirectory(OSError):
+    """A directory on the way to a file is a symlink, or open to other users."""
+
+
+def open_directory(directory: Path, *, follow_symlinks: bool = True) -> int:
+    """A descriptor of `directory`. Without `follow_symlinks`, every component from /
+    down is opened relative to its parent with O_NOFOLLOW, so one swapped for a symlink
+    makes this fail (ELOOP/ENOTDIR) and never leads elsewhere; and the directory itself
+    must not be writable by everyone (unless sticky). A directory of the user the file
+    is for is fine: the file is created anew and renamed in place through the
+    descriptor, so nothing they planted there is written through."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if follow_symlinks:
+        return os.open(directory, flags)
+    fd = os.open("/", flags)
+    try:
+        for part in Path(os.path.abspath(directory)).parts[1:]:
+            child = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        st = os.fstat(fd)
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(errno.EPERM, f"{directory} is writable by everyone")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fsync_dir_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # see fsync_dir
+            raise
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, uid: int | None = None,
-                 gid: int | None = None) -> None:
+                 gid: int | None = None, follow_symlinks: bool = True) -> None:
     """Replace `path` with `data`, atomically and durably, as a file of exactly `mode`.
 
     On any failure the temporary file is removed and the old `path` is left as it was
     (unless the failure is in the final directory sync, after the rename took effect).
     `uid`/`gid` (either may be None to keep it) give the file away via `fchown`.
+    Without `follow_symlinks`, no symlink anywhere in the path is followed and the
+    directory is checked (`open_directory`): for files written for other users.
     """
     mode &= 0o7777
     changes_owner = uid is not None or gid is not None
@@ -108,35 +147,46 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, uid: int | None 
     # could otherwise open the still-empty file before fchown moves it to the target
     # group, and keep reading through that descriptor once the data is in.
     birth_mode = mode & 0o700 if changes_owner else mode
-    tmp, fd = _create_temp(path, birth_mode)
+    dir_fd = open_directory(path.parent, follow_symlinks=follow_symlinks)
     try:
+        tmp, fd = _create_temp(path, birth_mode, dir_fd)
         try:
-            if changes_owner:
-                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            # Only ever widens, to the caller's exact mode: the umask may have dropped
-            # bits the caller asked for, and chown clears set-id bits.
-            if os.fstat(fd).st_mode & 0o7777 != mode:
-                os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+            try:
+                if changes_owner:
+                    os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+                # Only ever widens, to the caller's exact mode: the umask may have
+                # dropped bits the caller asked for, and chown clears set-id bits.
+                if os.fstat(fd).st_mode & 0o7777 != mode:
+                    os.fchmod(fd, mode)
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        _fsync_dir_fd(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def remove_durably(path: Path) -> bool:
+def remove_durably(path: Path, *, follow_symlinks: bool = True) -> bool:
     """Unlink `path` and sync its directory; False when there was nothing to remove."""
     try:
-        os.unlink(path)
+        dir_fd = open_directory(path.parent, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return False
-    fsync_dir(path.parent)
-    return True
+    try:
+        try:
+            os.unlink(path.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        _fsync_dir_fd(dir_fd)
+        return True
+    finally:
+        os.close(dir_fd)
 
 
 def remove_stale_temps(path: Path) -> int:

@@ -73,11 +73,15 @@ class TokenFile:
     def write(self, tokens: TokenSet, *, expires_at: float | None) -> None:
         data = render_sink(self.sink.format, tokens, expires_at=expires_at,
                            env_prefix=self.sink.env_prefix)
-        write_atomic(self.path, data, mode=self.sink.mode, uid=self.uid, gid=self.gid)
+        # No symlink followed anywhere on the way: a user who owns a parent directory
+        # must not be able to point a root agent's chowned write at any other place.
+        write_atomic(self.path, data, mode=self.sink.mode, uid=self.uid, gid=self.gid,
+                     follow_symlinks=False)
         log.debug("wrote %s (token %s)", self.path, fingerprint(tokens.access_token))
 
     def clear(self) -> None:
         if self.sink.on_logout == "empty":
-            write_atomic(self.path, b"", mode=self.sink.mode, uid=self.uid, gid=self.gid)
+            write_atomic(self.path, b"", mode=self.sink.mode, uid=self.uid, gid=self.gid,
+                         follow_symlinks=False)
         else:
-            remove_durably(self.path)
+            remove_durably(self.path, follow_symlinks=False)

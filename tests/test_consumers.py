@@ -202,3 +202,50 @@ async def test_token_changed_hook_runs_after_the_files_are_written(
     await runner.drain()
     assert seen.read_text() == (await run.driver.get_token()).access_token + "\n"
     await holder[0].aclose()
+
+
+def _tokens() -> TokenSet:
+    return TokenSet(access_token="a" * 40, token_type="Bearer", issued_at=0.0,
+                    expires_at=3600.0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+@pytest.mark.parametrize("swap", ["parent", "final", "world_writable"])
+def test_a_token_file_follows_no_symlink_on_its_way(tmp_path: Path, swap: str) -> None:
+    # Issue 9 item 6: run as root with an owner, a user who owns a parent directory
+    # swapped a component for a symlink and had a file written and chowned anywhere.
+    from agent.sinks import TokenFile
+
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    users = tmp_path / "home"
+    (users / "sub").mkdir(parents=True)
+    os.chown(users, 4242, 4242)
+    path = users / "sub" / "token"
+    sink = TokenFile(sink=SinkConfig(path=path, format="raw"), uid=4242, gid=4242)
+    if swap == "parent":
+        (users / "sub").rmdir()
+        (users / "sub").symlink_to(victim)
+    elif swap == "final":
+        path.parent.rmdir()
+        path.parent.symlink_to(victim)
+        path = path.parent / "token"
+    else:
+        (users / "sub").chmod(0o777)
+    with pytest.raises(OSError):
+        sink.write(_tokens(), expires_at=None)
+    assert list(victim.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_a_token_file_in_the_readers_own_directory_is_written(tmp_path: Path) -> None:
+    from agent.sinks import TokenFile
+
+    home = tmp_path / "pi"
+    home.mkdir()
+    os.chown(home, 4242, 4242)
+    path = home / "token"
+    TokenFile(sink=SinkConfig(path=path, format="raw"), uid=4242, gid=4242).write(
+        _tokens(), expires_at=None)
+    assert path.read_text() == "a" * 40 + "\n"
+    assert path.stat().st_uid == 4242

@@ -650,7 +650,7 @@ def test_failed_rename_keeps_the_old_file_and_names_the_reason(
     file.save(FULL)
     before = snapshot(file.path)
 
-    def replace(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any, **dir_fds: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
     monkeypatch.setattr(os, "replace", replace)
@@ -682,9 +682,9 @@ def test_save_syncs_before_and_after_the_rename(
         calls.append(f"fsync-{kind}")
         real_fsync(fd)
 
-    def replace(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any, **dir_fds: Any) -> None:
         calls.append("replace")
-        real_replace(src, dst)
+        real_replace(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
