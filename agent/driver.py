@@ -164,15 +164,16 @@ class Driver:
     async def _refreshed(self) -> bool:
         """Start a refresh (or join the one in flight) and wait for its answer; False
         when none could start or none came in time."""
-        done = self.session.refreshes_done
         if not self.session.refreshing:
+            done = self.session.refreshes_done
             try:
                 await self._feed(Refresh())
             except IllegalInput:
                 return False  # stopping
-        if not self.session.refreshing and self.session.refreshes_done == done:
-            return False
-        return await self._wait_until(lambda: self.session.refreshes_done > done, REFRESH_WAIT)
+            if not self.session.refreshing and self.session.refreshes_done == done:
+                return False  # none could start: the back-off, or the gap
+        # Until the answer is in and its tokens on disk (or it failed).
+        return await self._wait_until(lambda: not self.session.refreshing, REFRESH_WAIT)
 
     def request_login(self, *, new_sign_in: bool = False) -> None:
         """For callbacks that cannot await (the button): `login` in the background."""

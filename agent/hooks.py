@@ -1,8 +1,24 @@
 """Commands run when something happens (Vault Agent's `exec`, oidc-agent's hooks).
 
-A hook is an argv list, run without a shell, in its own process group so a timeout
-kills whatever it started. It never blocks the event loop and its failure is logged,
-never fatal. The token reaches a hook's environment only when the hook asks for it.
+A hook is trusted code: the operator's argv, run without a shell, with the agent's own
+user and rights. What is done here keeps a hook from harming the agent by accident, not
+a hostile hook from anything:
+
+- It never blocks the event loop, and its failure is logged, never fatal.
+- Its output is read as it comes, and only the first `_OUTPUT_LIMIT` bytes of each
+  stream are kept; the rest is read and dropped (a hook printing gigabytes costs the
+  agent nothing but the reading), and the log says how much was left out.
+- It runs in a session (and process group) of its own, with only stdin (/dev/null),
+  stdout and stderr open. When it exits or times out, the whole group is killed, so
+  nothing it left behind in the background outlives it. The group is killed before the
+  hook is reaped: until then its pid, and so the group's id, cannot be reused.
+- Its environment is `HOOK_ENVIRONMENT` and nothing else of the agent's: systemd's
+  NOTIFY_SOCKET, LISTEN_FDS, CREDENTIALS_DIRECTORY, ... and any secret in the agent's
+  environment stay with the agent. The token is in it only when the hook asks for it.
+- Its output is logged line by line, attributed to it, after every secret the agent
+  named (and anything shaped like a JWT or a long base64 or hex run) is redacted and
+  control characters are escaped, so it can neither leak a token into the journal nor
+  forge a log line.
 
 Events: `token_changed`, `signed_in`, `sign_in_needed`, `signed_out`.
 """
@@ -13,20 +29,59 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
+import re
 import signal
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import IO
 
-__all__ = ["HOOK_EVENTS", "Hook", "HookRunner"]
+from agent.logs import fingerprint
+
+__all__ = ["HOOK_ENVIRONMENT", "HOOK_EVENTS", "Hook", "HookRunner", "hook_environment", "redact"]
 
 log = logging.getLogger(__name__)
 
 HOOK_EVENTS = ("token_changed", "signed_in", "sign_in_needed", "signed_out")
-# What a hook's output may put in the log, per stream.
-_OUTPUT_LIMIT = 2_000
-# systemd hands these to the agent alone; a hook must not speak for it.
-_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
-                "LISTEN_FDNAMES")
+
+# All a hook's environment may hold. PATH gets `_DEFAULT_PATH` when the agent has none,
+# HOME the agent's user's home directory; LANG and LC_ALL come only if the agent has
+# them; DEVICE_AGENT_* are the agent's own (never taken from its environment), and
+# ACCESS_TOKEN is there only for a hook with `pass_token`.
+HOOK_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "DEVICE_AGENT_*", "ACCESS_TOKEN")
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_AGENT_PREFIX = "DEVICE_AGENT_"
+
+# Per stream: what is kept of a hook's output and may reach the log, and in how many lines.
+_OUTPUT_LIMIT = 4096
+_LINE_LIMIT = 40
+_READ_SIZE = 65536
+# Reads per wakeup: a hook that floods its pipe still leaves the loop time for the rest.
+_READS_PER_WAKEUP = 16
+# After the hook's group is killed, how long a process that left the group (setsid) may
+# keep the hook's pipes open before they are closed on it.
+_PIPE_GRACE = 0.5
+# Secrets remembered across runs, so a hook that prints the previous token (read from a
+# file, say) has it redacted too.
+_REMEMBERED_SECRETS = 8
+
+# A JWS or JWE in compact form: base64url of '{"' begins the header.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,4}")
+# A long run of base64 (either alphabet) or hex; it must mix letters and digits, so a
+# row of dashes or a long word is not taken for a secret.
+_LONG_RUN = re.compile(r"[A-Za-z0-9+/_~-]{32,}=*")
+_DIGIT, _LETTER = re.compile(r"[0-9]"), re.compile(r"[A-Za-z]")
+# What may be part of a token (RFC 6750 b64token, JWT dots): dropped from the end of kept
+# output that was cut, so no secret is shown in part, where no pattern would catch it.
+_TOKENISH_TAIL = re.compile(rb"[A-Za-z0-9+/=_~.-]+\Z")
+# Lines end at \n alone: a \r inside one is escaped, not taken for a line break.
+_LINES = re.compile(rb"[^\n]*\n|[^\n]+")
+# C0 controls but tab, DEL, C1 controls, line and paragraph separators and bidi
+# overrides: none may start a line of its own, or rewrite one on a terminal.
+_CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+             for c in (*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0),
+                       0x2028, 0x2029, *range(0x202a, 0x202f), *range(0x2066, 0x206a))}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +96,129 @@ class Hook:
         return os.path.basename(self.command[0])
 
 
+@dataclass(frozen=True)
+class _Run:
+    env: dict[str, str]
+    secrets: tuple[str, ...]
+
+
+def hook_environment(agent_env: Mapping[str, str]) -> dict[str, str]:
+    """What a hook inherits of the agent's environment (see `HOOK_ENVIRONMENT`)."""
+    env = {"PATH": agent_env.get("PATH") or _DEFAULT_PATH}
+    home = agent_env.get("HOME")
+    if not home:
+        try:
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:
+            home = "/"
+    env["HOME"] = home
+    for key in ("LANG", "LC_ALL"):
+        if agent_env.get(key):
+            env[key] = agent_env[key]
+    return env
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of `secrets` replaced by its fingerprint, and anything else that
+    looks like a token by "[redacted]"."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, f"[redacted {fingerprint(secret)}]")
+    text = _JWT.sub("[redacted]", text)
+
+    def run(match: re.Match[str]) -> str:
+        found = match.group(0)
+        return "[redacted]" if _DIGIT.search(found) and _LETTER.search(found) else found
+
+    return _LONG_RUN.sub(run, text)
+
+
+class _Capture:
+    """One of a hook's output pipes, read as data comes: the first `limit` bytes are
+    kept, the rest only counted."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stream = stream
+        self._fd = stream.fileno()
+        self._limit = limit
+        self.kept = bytearray()
+        self.total = 0
+        self.eof: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(self._fd, False)
+        self._loop.add_reader(self._fd, self._readable)
+        self._open = True
+
+    def _readable(self) -> None:
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                chunk = os.read(self._fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.close()
+                return
+            self.total += len(chunk)
+            room = self._limit - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self._fd)
+            self._stream.close()
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+def _has_exited(pid: int) -> bool:
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+async def _exited(pid: int) -> None:
+    """Until the child `pid` has exited, without reaping it."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # before Linux 5.3, or refused by a seccomp filter: ask now and then
+        while True:
+            if _has_exited(pid):
+                return
+            await asyncio.sleep(0.02)
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    try:
+        loop.add_reader(pidfd, ready)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def _spawn(hook: Hook, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Fork and exec, as asyncio's own subprocess support does, but with a Popen whose
+    exit nobody else waits for: the hook is reaped only after its group is killed."""
+    # close_fds: nothing of the agent's but these three. A session of its own: a group
+    # to kill, and no controlling terminal to signal the agent through.
+    return subprocess.Popen(
+        hook.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 class HookRunner:
     """Runs each hook at most once at a time. Events that arrive while it runs wait
     their turn; repeats of one event fold into a single run with the latest
@@ -49,31 +227,43 @@ class HookRunner:
     def __init__(self, hooks: tuple[Hook, ...], *,
                  base_env: Mapping[str, str] | None = None) -> None:
         self._hooks = hooks
-        env = dict(os.environ if base_env is None else base_env)
-        for key in _PRIVATE_ENV:
-            env.pop(key, None)
-        self._base_env = env
+        self._base_env = hook_environment(os.environ if base_env is None else base_env)
         self._running: dict[int, asyncio.Task[None]] = {}
-        # Per hook: the events that came while it ran, each with its latest environment.
-        self._queued: dict[int, dict[str, dict[str, str]]] = {}
+        # Per hook: the events that came while it ran, each with its latest run.
+        self._queued: dict[int, dict[str, _Run]] = {}
+        self._known: dict[str, None] = {}  # recent secrets, oldest first
         self.results: list[tuple[str, str, int | None]] = []  # (hook, event, exit status)
 
-    def fire(self, event: str, env: Mapping[str, str], *, token: str | None = None) -> None:
+    def fire(self, event: str, env: Mapping[str, str], *, token: str | None = None,
+             secrets: Iterable[str] | None = None) -> None:
+        """Run the hooks for `event`. `env` holds the DEVICE_AGENT_* variables (others
+        are dropped); `secrets` (the token, by default, and always with it) are
+        redacted from what the hooks print."""
+        named = [*(secrets if secrets is not None else ()), *([token] if token else [])]
+        for secret in named:
+            if secret:
+                self._known.pop(secret, None)
+                self._known[secret] = None
+        while len(self._known) > _REMEMBERED_SECRETS:
+            del self._known[next(iter(self._known))]
+        redacted = tuple(self._known)
+        ours = {k: v for k, v in env.items() if k.startswith(_AGENT_PREFIX)}
         for index, hook in enumerate(self._hooks):
             if event not in hook.events:
                 continue
-            full = {**self._base_env, **env, "DEVICE_AGENT_EVENT": event}
+            full = {**self._base_env, **ours, "DEVICE_AGENT_EVENT": event}
             if hook.pass_token and token is not None:
                 full["ACCESS_TOKEN"] = token
+            run = _Run(full, redacted)
             if index in self._running:
                 queue = self._queued.setdefault(index, {})
                 queue.pop(event, None)  # keeps the order of the latest arrivals
-                queue[event] = full
+                queue[event] = run
                 continue
-            self._start(index, event, full)
+            self._start(index, event, run)
 
-    def _start(self, index: int, event: str, env: dict[str, str]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(index, event, env))
+    def _start(self, index: int, event: str, run: _Run) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(index, event, run))
         self._running[index] = task
 
         def done(_: asyncio.Task[None]) -> None:
@@ -85,45 +275,82 @@ class HookRunner:
 
         task.add_done_callback(done)
 
-    async def _run(self, index: int, event: str, env: dict[str, str]) -> None:
+    async def _run(self, index: int, event: str, run: _Run) -> None:
         hook = self._hooks[index]
         try:
-            process = await asyncio.create_subprocess_exec(
-                *hook.command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
-        except OSError as exc:
-            log.error("hook %s (%s) could not start: %s", hook.name, event, exc.strerror or exc)
+            process = _spawn(hook, run.env)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.error("hook %s (%s) could not start: %s", hook.name, event, reason)
             self.results.append((hook.name, event, None))
             return
+        assert process.stdout is not None and process.stderr is not None
+        streams = {"stdout": _Capture(process.stdout, _OUTPUT_LIMIT),
+                   "stderr": _Capture(process.stderr, _OUTPUT_LIMIT)}
+        exited = timed_out = False
         try:
-            out, err = await asyncio.wait_for(process.communicate(), hook.timeout)
+            await asyncio.wait_for(_exited(process.pid), hook.timeout)
+            exited = True
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-            log.error("hook %s (%s) took longer than %.0f s and was killed", hook.name, event,
+            timed_out = True
+        finally:
+            # Exited, timed out or cancelled: the hook is not reaped yet (a zombie, or
+            # still running), so its pid is still the group's id and no one else's.
+            _kill_group(process.pid)
+            try:
+                await self._reap(process)
+                if exited:
+                    await self._drain(hook, event, streams)
+            finally:
+                for capture in streams.values():
+                    capture.close()
+        if timed_out:
+            log.error("hook %s (%s) took longer than %g s and was killed", hook.name, event,
                       hook.timeout)
             self.results.append((hook.name, event, None))
             return
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-            raise
         status = process.returncode
         self.results.append((hook.name, event, status))
-        token = env.get("ACCESS_TOKEN")
-        for stream, data in (("stdout", out), ("stderr", err)):
-            text = data[:_OUTPUT_LIMIT].decode(errors="replace").strip()
-            if token:
-                text = text.replace(token, "[token]")
-            if text:
-                log.info("hook %s (%s) %s: %s", hook.name, event, stream, text)
+        for stream, capture in streams.items():
+            self._log_output(hook, event, stream, capture, run.secrets)
         if status == 0:
             log.info("hook %s (%s) done", hook.name, event)
         else:
             log.warning("hook %s (%s) exited with status %s", hook.name, event, status)
+
+    @staticmethod
+    async def _reap(process: subprocess.Popen[bytes]) -> None:
+        await _exited(process.pid)  # at once, or as soon as the SIGKILL lands
+        process.wait()
+
+    @staticmethod
+    async def _drain(hook: Hook, event: str, streams: Mapping[str, _Capture]) -> None:
+        """What is left in the pipes, once the group is gone. A process that left the
+        group (setsid) and holds them is not waited for long."""
+        done, _ = await asyncio.wait([c.eof for c in streams.values()], timeout=_PIPE_GRACE)
+        if len(done) < len(streams):
+            log.warning("hook %s (%s) left a process outside its process group holding its "
+                        "output open; it is no longer read", hook.name, event)
+
+    @staticmethod
+    def _log_output(hook: Hook, event: str, stream: str, capture: _Capture,
+                    secrets: Iterable[str]) -> None:
+        data = bytes(capture.kept)
+        if capture.total > len(data):
+            data = _TOKENISH_TAIL.sub(b"", data)
+        shown = lines = 0
+        for raw in _LINES.findall(data):
+            if lines == _LINE_LIMIT:
+                break
+            shown += len(raw)
+            line = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "backslashreplace")
+            line = redact(line, secrets).translate(_CONTROLS)
+            if line.strip():
+                lines += 1
+                log.info("hook %s (%s) %s: %s", hook.name, event, stream, line)
+        if shown < capture.total:
+            log.info("hook %s (%s) %s: %d of %d bytes not logged", hook.name, event, stream,
+                     capture.total - shown, capture.total)
 
     async def drain(self) -> None:
         """Wait for running hooks (and the runs queued behind them)."""

@@ -684,7 +684,9 @@ class Session:
 
     @property
     def refreshing(self) -> bool:
-        return any(out.purpose == "refresh" for out in self._out.values())
+        """A refresh is out, or its tokens are on their way to disk (not served yet)."""
+        return self.states[Region.TOKENS] == T.SAVING or any(
+            out.purpose == "refresh" for out in self._out.values())
 
     def token_for(self, min_ttl: float, now: Instant, *, refreshed: bool = False
                   ) -> TokenSet | Refresh:
