@@ -47,6 +47,14 @@ def hooks_from_config(hooks: Sequence[HookConfig]) -> tuple[Hook, ...]:
                       pass_token=h.pass_token) for h in hooks)
 
 
+def _secrets(creds: Credentials | None) -> list[str]:
+    """Every token the agent holds, to be redacted from whatever a hook prints."""
+    if creds is None:
+        return []
+    tokens = creds.tokens
+    return [t for t in (tokens.access_token, tokens.refresh_token, tokens.id_token) if t]
+
+
 class Consumers:
     def __init__(self, driver: Driver, files: Sequence[TokenFile], hooks: HookRunner) -> None:
         self._driver = driver
@@ -77,7 +85,8 @@ class Consumers:
         expires_at = self._driver.snapshot.token_expires_at
         if expires_at is not None:
             env["DEVICE_AGENT_EXPIRES_AT"] = str(int(expires_at))
-        self._hooks.fire("token_changed", env, token=creds.tokens.access_token)
+        self._hooks.fire("token_changed", env, token=creds.tokens.access_token,
+                         secrets=_secrets(creds))
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         previous, self._phase = self._phase, snapshot.phase
@@ -86,9 +95,10 @@ class Consumers:
         creds = self._driver.credentials
         token = creds.tokens.access_token if creds else None
         if snapshot.phase == Phase.SIGNED_IN and previous != Phase.REFRESH_FAILING:
-            self._hooks.fire("signed_in", self._env(snapshot), token=token)
+            self._hooks.fire("signed_in", self._env(snapshot), token=token,
+                             secrets=_secrets(creds))
         elif snapshot.phase == Phase.AWAITING_USER:
-            self._hooks.fire("sign_in_needed", self._env(snapshot))
+            self._hooks.fire("sign_in_needed", self._env(snapshot), secrets=_secrets(creds))
 
     def _env(self, snapshot: Snapshot) -> dict[str, str]:
         env = {"DEVICE_AGENT_STATE": snapshot.phase.value}
