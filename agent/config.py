@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -759,4 +760,23 @@ def load_config(path: Path) -> AgentConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(str(source), f"must be a mapping of sections (provider:, "
                                        f"device:, ...), got {_kind(data)}")
-    return config_from_mapping(data, source=source)
+    config = config_from_mapping(data, source=source)
+    _warn_exposed_secret(data, source)
+    return config
+
+
+def _warn_exposed_secret(data: Mapping[str, Any], source: Path) -> None:
+    """A client secret written into a config that others may read: every member of the
+    config's group (the installer's token readers among them) can read the secret."""
+    provider = data.get("provider")
+    if not isinstance(provider, Mapping) or provider.get("client_secret") in (None, ""):
+        return
+    try:
+        mode = source.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        logging.getLogger(__name__).warning(
+            "provider.client_secret is written in %s, which others may read (mode %04o); "
+            "move it to provider.client_secret_file, a file only the agent can read "
+            "(0600), or a systemd LoadCredential=", source, mode & 0o7777)

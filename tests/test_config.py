@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 import os
 import socket
 import typing
@@ -599,3 +600,20 @@ def test_explicit_and_null_paths_versus_environment(monkeypatch: pytest.MonkeyPa
 def test_display_defaults_match_dataclass() -> None:
     config = config_from_mapping(minimal(display={"type": "png", "path": "/tmp/f.png"}))
     assert config.display == DisplayConfig(type="png", path=Path("/tmp/f.png"))
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o640, True), (0o604, True), (0o600, False)])
+def test_a_client_secret_in_a_config_others_can_read_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool) -> None:
+    # Issue 9 item 9: the installer's config is 0640 root:device-agent, the readers' group.
+    from agent.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("provider:\n  issuer: https://auth.example.com/application/o/x/\n"
+                    "  client_id: x\n  client_secret: s3cret-value\n")
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, "agent.config"):
+        load_config(path)
+    said = [r.getMessage() for r in caplog.records if "client_secret_file" in r.getMessage()]
+    assert bool(said) == warned
+    assert all("s3cret-value" not in line for line in said)
