@@ -13,6 +13,7 @@ field on `AgentConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -21,7 +22,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -482,6 +483,30 @@ def _required(spec: _Section) -> list[str]:
             and f.default_factory is dataclasses.MISSING]
 
 
+def _key_text(name: object) -> str:
+    """A non-text key as the person typed it (`on` read as True), or its kind when even
+    that cannot be had (a 5000-digit number)."""
+    try:
+        text = str(name)
+    except ValueError:
+        return f"<{_kind(name)}>"
+    return text if len(text) <= 40 else f"<{_kind(name)}>"
+
+
+@contextlib.contextmanager
+def _foreign_errors_as(key: str) -> Iterator[None]:
+    """Only ConfigError leaves the parser: what the standard library raises about an
+    absurd value (a 5000-digit number, a path with a lone surrogate, ~nosuchuser) is
+    said as a problem with that key."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OverflowError, RuntimeError, UnicodeError, TypeError, OSError,
+            RecursionError) as exc:
+        raise ConfigError(key, f"is not a usable value ({type(exc).__name__})") from None
+
+
 def _section(spec: _Section) -> Reader:
     def read(value: object, key: str, ctx: _Context) -> object:
         # An empty section ("device:" with every key commented out) is null in YAML.
@@ -492,20 +517,22 @@ def _section(spec: _Section) -> Reader:
         values: dict[str, object] = {}
         for name, raw in value.items():
             if not isinstance(name, str):
-                raise ConfigError(_join(key, str(name)),
+                raise ConfigError(_join(key, _key_text(name)),
                                   f"keys must be text, got {_kind(name)} (YAML reads "
                                   "on/off/yes/no as booleans; quote the key)")
             reader = spec.fields.get(name)
             if reader is None:
                 raise ConfigError(_join(key, name), _unknown_key(name, spec.fields))
-            result = reader(raw, _join(key, name), ctx)
+            with _foreign_errors_as(_join(key, name)):
+                result = reader(raw, _join(key, name), ctx)
             if result is not _USE_DEFAULT:
                 values[name] = result
         for name in _required(spec):
             if name not in values:
                 raise ConfigError(_join(key, name), "required")
-        built = spec.cls(**values)
-        return spec.check(built, key) if spec.check is not None else built
+        with _foreign_errors_as(key):
+            built = spec.cls(**values)
+            return spec.check(built, key) if spec.check is not None else built
     return read
 
 
@@ -754,6 +781,10 @@ def load_config(path: Path) -> AgentConfig:
         data = yaml.load(raw, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(str(source), f"is not valid YAML: {_yaml_problem(exc)}") from None
+    except (ValueError, OverflowError, RecursionError, AttributeError, TypeError) as exc:
+        # PyYAML's constructors raise these for 2001-02-30, "!!int x", deep nesting.
+        raise ConfigError(str(source), f"is not valid YAML: a value cannot be read "
+                                       f"({type(exc).__name__})") from None
     if data is None:
         raise ConfigError(str(source), "is empty; it needs at least provider.client_id "
                                        "and provider.issuer")

@@ -60,7 +60,10 @@ def authentik_endpoints(issuer: str) -> Endpoints | None:
 
 
 def check_endpoint_url(url: str, *, name: str, allow_insecure_http: bool) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "https://[", a netloc that NFKC-normalises into "@" or "#"
+        raise DiscoveryFailed(f"{name} is not a URL: {url[:100]!r}") from None
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise DiscoveryFailed(f"{name} is not an absolute URL: {url!r}")
     if parts.scheme == "http" and not allow_insecure_http:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -179,15 +180,25 @@ def check_id_token(id_token: str, *, issuer: str | None, client_id: str,
     azp = claims.get("azp")
     if (len(audiences) > 1 and azp is None) or (azp is not None and azp != client_id):
         return {}, "the ID token's azp is not this client"
-    for key in ("exp", "iat"):
-        value = claims.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return {}, f"the ID token has no usable {key}"
-    if claims["exp"] + CLOCK_LEEWAY < now_wall:
+    expires, issued = _claim_time(claims.get("exp")), _claim_time(claims.get("iat"))
+    if expires is None or issued is None:
+        return {}, "the ID token has no usable exp or iat"
+    if expires + CLOCK_LEEWAY < now_wall:
         return {}, "the ID token has expired"
-    if claims["iat"] - CLOCK_LEEWAY > now_wall:
+    if issued - CLOCK_LEEWAY > now_wall:
         return {}, "the ID token was issued in the future"
     return _keep_user_claims(claims), None
+
+
+def _claim_time(value: object) -> float | None:
+    # bool is an int to Python; a 400-digit int overflows a float.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def id_token_claims(id_token: str | None) -> dict[str, str]:
