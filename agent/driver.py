@@ -57,6 +57,8 @@ from agent.store import Credentials, CredentialStore
 __all__ = ["Driver", "Sender"]
 
 log = logging.getLogger(__name__)
+# What the session says (its Log effects) is logged under its own name.
+session_log = logging.getLogger("agent.session")
 
 # How long a caller waits for a refresh it asked for (the transport's own timeout
 # normally ends it sooner), and a sign-out for its revocations to be answered.
@@ -327,7 +329,7 @@ class Driver:
                 except StoreError as exc:
                     log.warning("could not save the session record: %s", exc)
             case Log(level=level, message=message):
-                log.log(level, "%s", message)
+                session_log.log(level, "%s", message)
         return []
 
     async def _send(self, request_id: int, request: HttpRequest) -> None:
