@@ -147,6 +147,8 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
+# Refused requests of one uid are logged at most this often.
+REFUSAL_LOG_GAP = 60.0
 # Requests here carry no body worth more than this; a larger one is refused early.
 MAX_BODY = 4096
 # An idle event stream sends a comment this often, so a dead reader is noticed.
@@ -165,13 +167,31 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
 
     app.on_shutdown.append(on_shutdown)
 
+    # A refused caller that loops must not fill the journal: per uid, one line a minute,
+    # with the count of those not logged.
+    refusals: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
+
+    def log_refusal(request: web.Request, caller: Caller | None) -> None:
+        uid = -1 if caller is None else caller.uid
+        now = time.monotonic()
+        last, quiet = refusals.get(uid, (-REFUSAL_LOG_GAP, 0))
+        if now - last < REFUSAL_LOG_GAP:
+            refusals[uid] = (last, quiet + 1)
+            return
+        refusals[uid] = (now, 0)
+        refusals.move_to_end(uid)
+        if len(refusals) > 256:
+            refusals.popitem(last=False)
+        who = "unknown" if caller is None else (
+            f"uid {caller.uid} pid {caller.pid} ({caller.executable})")
+        more = f" ({quiet} more refused in the last minute)" if quiet else ""
+        log.warning("api: refused %s %s to %s%s", request.method, request.path, who, more)
+
     def route(method: str, path: str, right: str, handler: Handler) -> None:
         async def checked(request: web.Request) -> web.StreamResponse:
             caller = peer_credentials(request)
             if caller is None or not policy.allows(caller, right):
-                who = "unknown" if caller is None else (
-                    f"uid {caller.uid} pid {caller.pid} ({caller.executable})")
-                log.warning("api: refused %s %s to %s", request.method, request.path, who)
+                log_refusal(request, caller)
                 return _error(403, "forbidden", f"this user may not {right} here")
             return await handler(request, caller)
         app.router.add_route(method, path, checked)

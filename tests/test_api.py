@@ -313,6 +313,23 @@ async def test_permission_matrix_with_real_processes(
             await server.close()
 
 
+@needs_root
+async def test_a_refused_caller_that_loops_is_logged_once_a_minute(
+        running: Running, socket_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 9 item 5: refused API requests are logged with a rate limit.
+    caplog.set_level(logging.INFO, logger="agent")
+    server = await serve_api(running, socket_dir / "strict.sock", AccessPolicy())
+    try:
+        for _ in range(12):
+            status = await asyncio.to_thread(as_other_user, socket_dir / "strict.sock",
+                                             "GET", "/v1/token", uid=4243, gid=4243)
+            assert status == 403
+    finally:
+        await server.close()
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and "uid 4243" in refused[0].getMessage()
+
+
 async def test_refused_reads_are_logged_without_the_token(
         running: Running, provider: IdentityProvider, socket_dir: Path,
         caplog: pytest.LogCaptureFixture) -> None:
