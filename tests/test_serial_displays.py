@@ -835,14 +835,16 @@ async def test_unplugged_adapter_is_reported_once_and_redrawn_in_full_when_back(
 
     await clock.run_until(retried, max_seconds=4 * RETRY_INTERVAL)
     ptys.append(second := Pty(link))
-    received = bytearray()
 
-    def redrawn() -> bool:
-        received.extend(second.read())
-        return b"Expires in 0:57" in received
+    def back() -> bool:
+        # Wait for the display to say the frame is written, not for its bytes: they
+        # reach the pty while the worker thread is still returning, and "is back" is
+        # logged on the loop only once the write has returned, so a test that stops at
+        # the first bytes checks the log (or decodes a frame still arriving) too soon.
+        return any("is back" in r.getMessage() for r in caplog.records)
 
-    await clock.run_until(redrawn, max_seconds=2 * RETRY_INTERVAL)
-    vt = Vt100().feed(bytes(received))
+    await clock.run_until(back, max_seconds=2 * RETRY_INTERVAL)
+    vt = Vt100().feed(second.read())  # the write has returned: the whole frame is here
     assert vt.decode() == [AUTHENTIK]
     assert "Expires in 0:57" in vt.text()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
