@@ -567,7 +567,6 @@ class Session:
         self._discovery_retry_at = 0.0
         self._discovery_backoff = Backoff(settings.retry_initial, settings.retry_max,
                                           rng=self._rng)
-        self._discovery_error: str | None = None
         # sign-in
         self._budget = CodeBudget(settings.codes_per_hour)
         self._code_backoff = Backoff(settings.retry_initial, settings.retry_max, rng=self._rng)
@@ -1037,7 +1036,6 @@ class Session:
 
     def _endpoints_found(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
-        self._discovery_error = None
         self._discovery_backoff.reset()
         if self._poll is not None:
             # The same poll, its interval and next poll time kept: only where it goes.
@@ -1051,7 +1049,6 @@ class Session:
                 "provider)")
 
     def _discovery_failed(self, reason: str, *, misconfigured: bool) -> None:
-        self._discovery_error = reason
         if misconfigured:
             delay = self.settings.retry_max
             self._log(logging.ERROR, f"provider metadata: {reason}; fix provider.issuer "
