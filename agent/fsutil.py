@@ -59,14 +59,9 @@ def _temp_pattern(path: Path) -> re.Pattern[str]:
 
 def fsync_dir(path: Path) -> None:
     """Make the creations, renames and removals in directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = open_directory(path)
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems (certain FUSE and network mounts) cannot sync a directory
-        # and say EINVAL; the data itself was synced, which is the best they offer.
-        if exc.errno != errno.EINVAL:
-            raise
+        _fsync_dir_fd(fd)
     finally:
         os.close(fd)
 
@@ -124,7 +119,9 @@ def _fsync_dir_fd(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:  # see fsync_dir
+        # Some filesystems (certain FUSE and network mounts) cannot sync a directory
+        # and say EINVAL; the data itself was synced, which is the best they offer.
+        if exc.errno != errno.EINVAL:
             raise
 
 

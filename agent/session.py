@@ -623,7 +623,7 @@ class Session:
                 self._logout()
             case Refresh():
                 self._running("refresh")
-                self._start_refresh(forced=True)
+                self._start_refresh()
             case Stop():
                 self._go(Region.RUN, "stop", R.STOPPING)
                 if self._unsaved_retry_at is not None and self.states[Region.TOKENS] == T.VALID:
@@ -986,7 +986,7 @@ class Session:
             self._rewrite()
         due = self._refresh_due_at()
         if due is not None and due <= now.mono:
-            self._start_refresh(forced=False)
+            self._start_refresh()
         # A code that just ended may let the next one start at once.
         for _ in range(3):
             before = self.states[Region.SIGN_IN]
@@ -1390,7 +1390,7 @@ class Session:
     def _in_refresh_backoff(self, now: float) -> bool:
         return self._refresh_retry_at is not None and now < self._refresh_retry_at
 
-    def _start_refresh(self, *, forced: bool) -> None:
+    def _start_refresh(self) -> None:
         state = self.states[Region.TOKENS]
         creds = self.credentials
         if state != T.VALID or creds is None or creds.tokens.refresh_token is None:
