@@ -52,6 +52,11 @@ class HttpResponse:
     body: bytes = field(repr=False)
     headers: Mapping[str, str] = field(default_factory=dict)
 
+    def header(self, name: str) -> str | None:
+        """A header by name, whatever its case (RFC 9110 §5.1)."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceAuthorization:

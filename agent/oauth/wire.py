@@ -88,8 +88,7 @@ def parse_json_object(response: HttpResponse) -> dict[str, Any]:
 
 
 def _looks_like_html(response: HttpResponse) -> bool:
-    content_type = next((v for k, v in response.headers.items()
-                         if k.lower() == "content-type"), "")
+    content_type = response.header("Content-Type") or ""
     return "html" in content_type.lower() or response.body[:64].lstrip()[:1] == b"<"
 
 
@@ -172,7 +171,7 @@ def retry_after(response: HttpResponse, *, now_wall: float | None = None) -> flo
     needs `now_wall`. Anything unreadable, or a wait beyond MAX_SECONDS, is no hint
     (None): a header is advice, never a reason to fail or to stall for years.
     """
-    value = next((v for k, v in response.headers.items() if k.lower() == "retry-after"), None)
+    value = response.header("Retry-After")
     if value is None:
         return None
     value = value.strip()
