@@ -640,7 +640,7 @@ class Session:
         self.snapshot = self._derive_snapshot()
         self._record_if_changed()
         effects, self._effects = self._effects, []
-        return _record_before_sends(effects)
+        return _record_first(effects)
 
     def next_timer(self) -> float | None:
         """The monotonic time the session next wants a `Tick` (None: only on input).
@@ -921,9 +921,6 @@ class Session:
         self._owe_revocation(creds.tokens)
         self._go(Region.TOKENS, "logout", T.NONE)
         self._drop_credentials()
-        # The revocations owed reach the disk before the credentials leave it: a crash
-        # in between still revokes them after the restart.
-        self._record_if_changed()
         self._effects.append(Clear())
         self._go(Region.SIGN_IN, "signed_out", S.WAITING)
         self._poll = None
@@ -1697,14 +1694,15 @@ class Session:
         self._effects.append(Record(record=record))
 
 
-def _record_before_sends(effects: list[Effect]) -> list[Effect]:
-    """A code spent must be on disk before the request that spends it goes out (a kill
-    in between would let the next start spend another): a Record that comes after the
-    first Send moves to just before it; everything else keeps its order."""
-    first_send = next((i for i, e in enumerate(effects) if isinstance(e, Send)), None)
-    if first_send is None:
+def _record_first(effects: list[Effect]) -> list[Effect]:
+    """The session record reaches the disk before the I/O it guards, so a kill in
+    between loses nothing: a code is counted before the request that spends it goes
+    out, and the revocations a sign-out owes before the credential file goes. A Record
+    after the first Send or Clear moves to just before it; the rest keeps its order."""
+    first = next((i for i, e in enumerate(effects) if isinstance(e, Send | Clear)), None)
+    if first is None:
         return effects
-    head, tail = effects[:first_send], effects[first_send:]
+    head, tail = effects[:first], effects[first:]
     late = [e for e in tail if isinstance(e, Record)]
     return [*head, *late, *(e for e in tail if not isinstance(e, Record))]
 
