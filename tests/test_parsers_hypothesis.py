@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import math
 import os
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +71,8 @@ from agent.oauth.wire import (
 )
 from agent.sessionfile import PendingCode, PendingRevocation, SessionFile, SessionRecord
 from agent.store import Credentials, CredentialStore
+from bench.fuzz_parsers import REPO, show
+from bench.fuzz_parsers import location as where
 
 T = TypeVar("T")
 
@@ -87,49 +88,9 @@ PURE = settings(max_examples=150, deadline=None, database=None, phases=_PHASES,
 FILES = settings(max_examples=80, deadline=None, database=None, phases=_PHASES,
                  suppress_health_check=[*_HEALTH, HealthCheck.function_scoped_fixture])
 
-REPO = Path(__file__).resolve().parents[1]
-AGENT_DIR = str(REPO / "agent")
-
-
 # -- the check ---------------------------------------------------------------------
-
-def _printable(value: Any) -> Any:
-    """`value` with response bodies shown (HttpResponse's repr leaves them out) and
-    integers beyond the str() limit named instead of crashing repr()."""
-    if isinstance(value, HttpResponse):
-        return {"status": value.status, "headers": dict(value.headers), "body": value.body}
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 14_000:
-        return Big(int(value.bit_length() * 0.30103) + 1, value < 0)
-    if isinstance(value, list | tuple):
-        return [_printable(v) for v in value]
-    if isinstance(value, dict):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    return value
-
-
-def _short(value: object, limit: int = 300) -> str:
-    try:
-        text = repr(_printable(value))
-    except (ValueError, TypeError):
-        text = f"<{type(value).__name__}>"
-    if len(text) > limit:
-        text = f"{text[:limit // 2]}...<{len(text)} chars>...{text[-limit // 3:]}"
-    return text
-
-
-def where(exc: BaseException) -> str:
-    """The innermost frame in agent/ (file:line function) and the innermost frame."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if f.filename.startswith(AGENT_DIR)]
-    parts = []
-    if ours:
-        f = ours[-1]
-        parts.append(f"{os.path.relpath(f.filename, REPO)}:{f.lineno} in {f.name}")
-    if frames and (not ours or frames[-1] is not ours[-1]):
-        f = frames[-1]
-        parts.append(f"(innermost: {f.filename}:{f.lineno} in {f.name})")
-    return " ".join(parts) or "?"
-
+# The reporting helpers are the fuzz script's: one way to show an input and where an
+# exception was raised, for both.
 
 class Raised:
     """The AgentError a parser raised (as opposed to one it returned, as parse_error does)."""
@@ -152,8 +113,8 @@ def typed(parser: str, call: Callable[[], T], shown: object) -> T | Raised:
         raise
     except BaseException as exc:
         raise AssertionError(
-            f"{parser} let a foreign {type(exc).__name__} escape: {_short(str(exc), 160)}\n"
-            f"  raised at {where(exc)}\n  input: {_short(shown)}") from exc
+            f"{parser} let a foreign {type(exc).__name__} escape: {show(str(exc), 160)}\n"
+            f"  raised at {where(exc)}\n  input: {show(shown, 300)}") from exc
 
 
 # -- values ------------------------------------------------------------------------
@@ -186,7 +147,7 @@ class Raw:
         self.text = text
 
     def __repr__(self) -> str:
-        return f"Raw({_short(self.text, 40)})"
+        return f"Raw({show(self.text, 40)})"
 
 
 def materialize(value: Any) -> Any:
@@ -632,7 +593,7 @@ def test_token_answer_with_an_access_token_is_never_refused(
                    lambda: parse_token_answer(response, now_wall=now_wall, previous=previous,
                                               requested_scope=requested), doc)
     assert not isinstance(result, Raised), (
-        f"a rotated answer was refused ({result!r}): {_short(doc)}")
+        f"a rotated answer was refused ({result!r}): {show(doc, 300)}")
     tokens, notes = result
     assert tokens.access_token == parse_json_object(response)["access_token"]
     assert isinstance(tokens.token_type, str) and tokens.token_type
@@ -1065,7 +1026,7 @@ class YamlText:
         self.text = text
 
     def __repr__(self) -> str:
-        return f"YamlText({_short(self.text, 60)})"
+        return f"YamlText({show(self.text, 60)})"
 
 
 @st.composite
