@@ -61,19 +61,13 @@ async def _discover(config: AgentConfig, transport: Transport,
         if step.endpoints is not None:
             findings.append(Finding(level="ok", message=f"discovery at {request.url}"))
     if step.endpoints is None:
-        fix = None
-        if step.misconfigured and "no metadata document" in str(step.error):
-            fix = ("the issuer for authentik is https://HOST/application/o/SLUG/ (the "
-                   "application's slug, with the trailing slash)")
-        elif step.misconfigured and "issuer" in str(step.error):
-            fix = "set provider.issuer to the issuer the provider names"
-        findings.append(Finding(level="error", message=str(step.error), fix=fix))
+        findings.append(Finding(level="error", message=str(step.error),
+                                fix=step.error.fix if step.error else None))
         return None
     if settings.issuer is None:
         findings.append(Finding(level="ok", message="explicit endpoints; discovery skipped"))
-    for note in step.notes:
-        if note.startswith("no metadata"):
-            findings.append(Finding(level="warning", message=note))
+    if step.alone:
+        findings.extend(Finding(level="warning", message=note) for note in step.notes)
     return step.endpoints
 
 

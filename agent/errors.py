@@ -127,7 +127,11 @@ class ProviderError(AgentError):
 
 
 class DiscoveryFailed(ProviderError):
-    pass
+    """`fix`, when known: what a person should change (shown by check-provider)."""
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class MalformedResponse(ProviderError):

@@ -106,10 +106,17 @@ def parse_discovery(response: HttpResponse, *, issuer: str, allow_insecure_http:
         doc = parse_json_object(response)
     except MalformedResponse as exc:
         raise DiscoveryFailed(f"metadata document: {exc}") from None
+    return _endpoints_from(doc, issuer=issuer, allow_insecure_http=allow_insecure_http,
+                           fallback=fallback, token_endpoint=token_endpoint)
+
+
+def _endpoints_from(doc: dict[str, Any], *, issuer: str, allow_insecure_http: bool,
+                    fallback: Endpoints | None, token_endpoint: str | None) -> Endpoints:
     found = doc.get("issuer")
     if not isinstance(found, str) or found.rstrip("/") != issuer.rstrip("/"):
         raise DiscoveryFailed(
-            f"metadata document names issuer {found!r}, the config names {issuer!r}")
+            f"metadata document names issuer {found!r}, the config names {issuer!r}",
+            fix="set provider.issuer to the issuer the provider names")
     token = _optional_url(doc, "token_endpoint", allow_insecure_http) or token_endpoint
     if token is None:
         raise DiscoveryFailed("metadata document has no token_endpoint")
@@ -166,7 +173,8 @@ class ExplicitEndpoints:
 class DiscoveryStep:
     """What one answer of the discovery sequence means.
 
-    - `endpoints`: found; `notes` say what came from where, for the log.
+    - `endpoints`: found; `notes` say what came from where, for the log; `alone`: no
+      document exists, and the configured endpoints are used without one.
     - `request`: look there next (the previous location answered 404).
     - `error` with `misconfigured`: a person must fix the issuer or the provider;
       asking again soon will not help (OpenID Connect Discovery §4.3).
@@ -177,6 +185,7 @@ class DiscoveryStep:
     request: HttpRequest | None = None
     error: DiscoveryFailed | None = None
     misconfigured: bool = False
+    alone: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -217,25 +226,30 @@ class Discovery:
                 return DiscoveryStep(request=self._pending[0])
             alone = self.explicit.without_metadata(self.issuer)
             if alone is not None:
-                return DiscoveryStep(endpoints=alone, notes=(
+                return DiscoveryStep(endpoints=alone, alone=True, notes=(
                     "no metadata document; using the configured endpoints only",))
             return DiscoveryStep(misconfigured=True, error=DiscoveryFailed(
-                "no metadata document: " + "; ".join(self._misses)))
+                "no metadata document: " + "; ".join(self._misses),
+                fix="the issuer for authentik is https://HOST/application/o/SLUG/ (the "
+                    "application's slug, with the trailing slash)"))
         if response.status >= 500 or response.status == 429:
             return DiscoveryStep(error=DiscoveryFailed(
                 f"metadata document answered HTTP {response.status}"))
         try:
-            parse_json_object(response)
+            doc = parse_json_object(response)
         except MalformedResponse as exc:
             # A page that is not JSON (a captive portal, a proxy's error page) is
             # trouble on the way, not a wrong provider.
             return DiscoveryStep(error=DiscoveryFailed(f"metadata document: {exc}"))
+        if response.status != 200:
+            return DiscoveryStep(misconfigured=True, error=DiscoveryFailed(
+                f"metadata document answered HTTP {response.status}"))
         fallback = authentik_endpoints(self.issuer)
         if self.explicit.device_authorization is not None:
             fallback = Endpoints(device_authorization=self.explicit.device_authorization,
                                  token=self.explicit.token or "")
         try:
-            found = parse_discovery(response, issuer=self.issuer,
+            found = _endpoints_from(doc, issuer=self.issuer,
                                     allow_insecure_http=self._allow_insecure_http,
                                     fallback=fallback, token_endpoint=self.explicit.token)
         except DiscoveryFailed as exc:
