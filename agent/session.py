@@ -1647,23 +1647,21 @@ class Session:
                            code_expires_at=now.wall_at(auth.deadline),
                            code_lifetime=auth.expires_in)
         next_code = self._next_code_at()
-        waiting = dict(next_code_at=now.wall_at(next_code) if next_code is not None else None,
-                       last_error=self._sign_in_error)
+        waiting = replace(base, next_code_at=None if next_code is None else now.wall_at(next_code),
+                          last_error=self._sign_in_error)
         if signed:
-            left = lease.remaining(now) if lease is not None else None
-            if self._refresh_error is not None and (left is None or left > 0 or (
-                    creds is not None and creds.tokens.refresh_token is not None)):
+            if self._refresh_error is not None:
                 return replace(base, phase=Phase.REFRESH_FAILING, last_error=self._refresh_error)
             if state in (S.WAITING, S.REQUESTING) and self._wait_phase in (
                     Phase.THROTTLED, Phase.NO_NETWORK, Phase.CONFIG_ERROR):
-                return replace(base, phase=self._wait_phase, **waiting)  # type: ignore[arg-type]
+                return replace(waiting, phase=self._wait_phase)
             return replace(base, phase=Phase.SIGNED_IN)
         if state == S.BUTTON:
             return replace(base, phase=Phase.NEEDS_BUTTON, last_error=self._sign_in_error)
         phase = self._wait_phase
         if phase == Phase.STARTING and next_code is not None and next_code > now.mono:
             phase = Phase.CODE_EXPIRED  # the hourly budget holds the next code back
-        return replace(base, phase=phase, **waiting)  # type: ignore[arg-type]
+        return replace(waiting, phase=phase)
 
     def _record_if_changed(self) -> None:
         now = self._now
