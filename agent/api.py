@@ -14,17 +14,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import json
 import logging
 import os
 import pwd
 import socket
 import stat
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,16 @@ from aiohttp import web
 
 from agent import __version__
 from agent.accounts import group_id, user_id
+from agent.connections import (
+    BACKLOG,
+    Caller,
+    ConnectionGuard,
+    ConnectionLimits,
+    RateLimit,
+    caller_of,
+    more,
+    quiet_accept_errors,
+)
 from agent.driver import Driver
 from agent.errors import (
     AgentError,
@@ -52,23 +59,6 @@ READ = "read"
 ADMIN = "admin"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Caller:
-    uid: int
-    gid: int
-    pid: int
-    # The peer's supplementary groups as the kernel saw them at connect (SO_PEERGROUPS);
-    # None where that is unavailable, and the user database is asked instead.
-    groups: frozenset[int] | None = None
-
-    @property
-    def executable(self) -> str:
-        try:
-            return Path(f"/proc/{self.pid}/comm").read_text().strip()
-        except OSError:
-            return "?"
-
-
 class AccessPolicy:
     """Who may do what. Names are resolved once, at start: a user that does not exist
     is a config mistake worth a warning, not a reason to refuse to start."""
@@ -82,8 +72,11 @@ class AccessPolicy:
         self._gids = {ADMIN: admin_gids,
                       READ: _ids(read_groups, group_id, "group") | admin_gids}
 
+    def privileged(self, caller: Caller) -> bool:
+        return caller.uid in (0, self._own_uid)
+
     def allows(self, caller: Caller, right: str) -> bool:
-        if caller.uid in (0, self._own_uid):
+        if self.privileged(caller):
             return True
         if caller.uid in self._uids[right]:
             return True
@@ -113,31 +106,7 @@ def _supplementary_groups(uid: int) -> set[int]:
 
 def peer_credentials(request: web.Request) -> Caller | None:
     transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Caller(uid=uid, gid=gid, pid=pid, groups=_peer_groups(sock))
-
-
-# Linux 4.13+; Python does not name it. The groups a process really has (systemd's
-# SupplementaryGroups=, setgroups) rather than what /etc/group says about its user.
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-
-
-def _peer_groups(sock: socket.socket) -> frozenset[int] | None:
-    size = 4 * 64
-    for _ in range(3):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                size *= 8
-                continue
-            return None
-        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    return None
+    return caller_of(transport.get_extra_info("socket") if transport is not None else None)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -147,18 +116,31 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
-# Refused requests of one uid are logged at most this often.
-REFUSAL_LOG_GAP = 60.0
 # Requests here carry no body worth more than this; a larger one is refused early.
 MAX_BODY = 4096
 # An idle event stream sends a comment this often, so a dead reader is noticed.
 EVENTS_HEARTBEAT = 15.0
 
 
+GUARD = web.AppKey("guard", ConnectionGuard)
+
+
 def build_app(driver: Driver, policy: AccessPolicy, *,
               wall_clock: Callable[[], float] = time.time,
-              heartbeat: float = EVENTS_HEARTBEAT) -> web.Application:
-    app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
+              heartbeat: float = EVENTS_HEARTBEAT,
+              limits: ConnectionLimits | None = None) -> web.Application:
+    guard = ConnectionGuard(limits or ConnectionLimits(), privileged=policy.privileged,
+                            may_read=lambda caller: policy.allows(caller, READ))
+
+    @web.middleware
+    async def mark_busy(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        ) -> web.StreamResponse:
+        with guard.serving(request.transport):
+            return await handler(request)
+
+    app = web.Application(middlewares=[mark_busy, _json_errors], client_max_size=MAX_BODY)
+    app[GUARD] = guard
     # Set when the server shuts down: event streams end at once instead of holding it.
     closing = asyncio.Event()
 
@@ -169,23 +151,16 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
 
     # A refused caller that loops must not fill the journal: per uid, one line a minute,
     # with the count of those not logged.
-    refusals: collections.OrderedDict[int, tuple[float, int]] = collections.OrderedDict()
+    refusals = RateLimit()
 
     def log_refusal(request: web.Request, caller: Caller | None) -> None:
-        uid = -1 if caller is None else caller.uid
-        now = time.monotonic()
-        last, quiet = refusals.get(uid, (-REFUSAL_LOG_GAP, 0))
-        if now - last < REFUSAL_LOG_GAP:
-            refusals[uid] = (last, quiet + 1)
+        dropped = refusals.admit(-1 if caller is None else caller.uid)
+        if dropped is None:
             return
-        refusals[uid] = (now, 0)
-        refusals.move_to_end(uid)
-        if len(refusals) > 256:
-            refusals.popitem(last=False)
         who = "unknown" if caller is None else (
             f"uid {caller.uid} pid {caller.pid} ({caller.executable})")
-        more = f" ({quiet} more refused in the last minute)" if quiet else ""
-        log.warning("api: refused %s %s to %s%s", request.method, request.path, who, more)
+        log.warning("api: refused %s %s to %s%s", request.method, request.path, who,
+                    more(dropped))
 
     def route(method: str, path: str, right: str, handler: Handler) -> None:
         async def checked(request: web.Request) -> web.StreamResponse:
@@ -271,6 +246,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await response.prepare(request)
+
         last: Snapshot | None = None
         try:
             while True:
@@ -390,15 +366,18 @@ async def _json_errors(request: web.Request,
 
 
 class ApiServer:
-    """The API on a Unix socket: bound here, or taken over from systemd."""
+    """The API on a Unix socket: bound here, or taken over from systemd. Connections
+    pass the app's `ConnectionGuard` before aiohttp sees them."""
 
     def __init__(self, app: web.Application, path: Path, *, mode: int = 0o660,
                  sock: socket.socket | None = None) -> None:
         self._app = app
         self.path = path
         self._mode = mode
-        self._sock = sock
+        self._inherited = sock
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._restore_accept_errors: Callable[[], None] | None = None
 
     async def start(self) -> None:
         # Event-stream clients never hang up by themselves: at shutdown they get half a
@@ -406,29 +385,47 @@ class ApiServer:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
-        site: web.BaseSite
-        if self._sock is not None:
-            site = web.SockSite(self._runner, self._sock)
-        else:
+        assert self._runner.server is not None  # set up above
+        sock = self._inherited
+        if sock is None:
             _prepare_socket_path(self.path)
-            site = web.UnixSite(self._runner, str(self.path))
-        await site.start()
-        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(self.path))
+            except OSError:
+                sock.close()
+                raise
+        loop = asyncio.get_running_loop()
+        self._restore_accept_errors = quiet_accept_errors(loop)
+        self._listener = await loop.create_unix_server(
+            self._app[GUARD].protocol_factory(self._runner.server), sock=sock,
+            backlog=BACKLOG)
+        if self._inherited is None:
             # Bound under the daemon's umask (0077 under systemd: owner only), then
             # opened to the group: it never starts out wider than configured.
             os.chmod(self.path, self._mode)
-        where = self._sock.getsockname() if self._sock is not None else self.path
+        where = sock.getsockname()
         log.info("api listening on %s%s", where,
-                 " (socket from systemd)" if self._sock is not None else "")
+                 " (socket from systemd)" if self._inherited is not None else "")
+
+    @property
+    def guard(self) -> ConnectionGuard:
+        return self._app[GUARD]
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            if self._sock is None:
+            if self._inherited is None:
                 # Ours to remove; an inherited socket belongs to systemd.
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
+        if self._restore_accept_errors is not None:
+            self._restore_accept_errors()
+            self._restore_accept_errors = None
 
 
 def _prepare_socket_path(path: Path) -> None:
