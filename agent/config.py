@@ -768,12 +768,24 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return str(exc)
 
 
-def load_config(path: Path) -> AgentConfig:
+# The name the shipped unit's LoadCredential= gives the config. The file itself is
+# root's alone (0600): the token readers share the socket's group, and a client secret in
+# the config is not theirs to read, so systemd hands the service a copy.
+SERVICE_COPY = "config.yaml"
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] = os.environ) -> AgentConfig:
     """Read and validate a YAML config file. Errors about the file itself carry the
-    file's path as their key; errors about a value carry the value's dotted key."""
+    file's path as their key; errors about a value carry the value's dotted key.
+
+    A file this process may not read is read from the copy systemd passed
+    ($CREDENTIALS_DIRECTORY/config.yaml), when there is one; relative paths in it still
+    count from the file's own directory."""
     source = Path(path).absolute()
     try:
         raw = source.read_bytes()
+    except PermissionError as exc:
+        raw = _service_copy(environ, exc, source)
     except OSError as exc:
         raise ConfigError(str(source), f"cannot read the config file "
                                        f"({exc.strerror or exc})") from None
@@ -796,9 +808,21 @@ def load_config(path: Path) -> AgentConfig:
     return config
 
 
+def _service_copy(environ: Mapping[str, str], denied: PermissionError, source: Path) -> bytes:
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        try:
+            return (Path(directory) / SERVICE_COPY).read_bytes()
+        except OSError:
+            pass
+    raise ConfigError(str(source), f"cannot read the config file ({denied.strerror}); "
+                                   "under systemd the unit passes it with "
+                                   f"LoadCredential={SERVICE_COPY}:{source}") from None
+
+
 def _warn_exposed_secret(data: Mapping[str, Any], source: Path) -> None:
-    """A client secret written into a config that others may read: every member of the
-    config's group (the installer's token readers among them) can read the secret."""
+    """A client secret written into a config that others may read: in the socket's
+    group are the token readers, who must not have it."""
     provider = data.get("provider")
     if not isinstance(provider, Mapping) or provider.get("client_secret") in (None, ""):
         return

@@ -22,7 +22,6 @@ through an injectable runner, so tests record them instead of running them.
 from __future__ import annotations
 
 import argparse
-import grp
 import importlib.resources
 import os
 import re
@@ -293,18 +292,6 @@ def _missing_accounts(root: Path) -> list[str]:
     return missing
 
 
-def _group_id(session: _Session) -> int | None:
-    if session.live:
-        # NSS on the running system: the group may come from somewhere else than
-        # /etc/group, and chown() must use the id the kernel will see.
-        try:
-            return grp.getgrnam(SYSTEM_USER).gr_gid
-        except KeyError:
-            return None
-    entry = _account_files(session.root)[1].get(SYSTEM_USER)
-    return entry[0] if entry is not None else None
-
-
 # -- install -----------------------------------------------------------------------------
 
 def _dtparam_on(text: str, names: Iterable[str]) -> bool:
@@ -345,34 +332,37 @@ def _check_boot_config(session: _Session) -> None:
 
 
 def _install_config(session: _Session) -> None:
+    """Root's alone, 0600: the unit passes the service a copy (LoadCredential=), and the
+    token readers, who share the socket's group, do not read a client secret in it."""
     target = session.path(CONFIG_PATH)
     if target.exists() or target.is_symlink():
-        session.say(f"kept existing {target}")
+        _tighten_config(session, target)
         return
     data = packaged_file("config.example.yaml")
     if session.dry_run:
-        session.say(f"would write {target} from config.example.yaml "
-                    f"(mode 0640, owner root:{SYSTEM_USER})")
+        session.say(f"would write {target} from config.example.yaml (mode 0600)")
         return
     _make_dirs(target.parent)
-    gid = _group_id(session)
-    # Owner root, group device-agent, 0640: the service reads it and cannot change
-    # it, and nobody else reads a client secret that may be added to it later.
-    owned = False
-    if gid is not None:
-        try:
-            write_atomic(target, data, mode=0o640, uid=0 if os.geteuid() == 0 else None,
-                         gid=gid)
-            owned = True
-        except PermissionError:
-            pass
-    if not owned:
-        write_atomic(target, data, mode=0o640)
-    session.say(f"wrote {target} from config.example.yaml (mode 0640"
-                f"{f', owner root:{SYSTEM_USER}' if owned else ''})")
-    if not owned:
-        session.say(f"hint: give it to the service once group {SYSTEM_USER} exists: "
-                    f"chgrp {SYSTEM_USER} {CONFIG_PATH}")
+    root = 0 if os.geteuid() == 0 else None
+    write_atomic(target, data, mode=0o600, uid=root, gid=root)
+    session.say(f"wrote {target} from config.example.yaml (mode 0600)")
+    session.changed = True
+
+
+def _tighten_config(session: _Session, target: Path) -> None:
+    """An earlier installer wrote the config 0640 root:device-agent, which every token
+    reader could read; the unit written now no longer needs that."""
+    info = target.lstat()
+    if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o077:
+        session.say(f"kept existing {target}")
+        return
+    if session.dry_run:
+        session.say(f"would keep {target} and make it 0600 (it is "
+                    f"{info.st_mode & 0o7777:04o})")
+        return
+    os.chmod(target, 0o600, follow_symlinks=False)
+    session.say(f"kept existing {target}, now 0600 (was {info.st_mode & 0o7777:04o}: "
+                f"the service reads a copy, and the socket's group cannot read it)")
     session.changed = True
 
 

@@ -617,3 +617,59 @@ def test_a_client_secret_in_a_config_others_can_read_is_warned_about(
     said = [r.getMessage() for r in caplog.records if "client_secret_file" in r.getMessage()]
     assert bool(said) == warned
     assert all("s3cret-value" not in line for line in said)
+
+
+# Issue 9 item 9: the config is root's alone, and the service reads systemd's copy.
+LOAD_AS_SERVICE = r"""
+import json, sys
+from pathlib import Path
+from agent.config import load_config
+from agent.errors import ConfigError
+try:
+    config = load_config(Path(sys.argv[1]))
+except ConfigError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"client_id": config.provider.client_id,
+                      "storage": str(config.storage.path)}))
+"""
+
+
+SETPRIV = "/usr/bin/setpriv"
+
+
+@pytest.mark.skipif(not os.access(SETPRIV, os.X_OK),
+                    reason="needs setpriv (util-linux) to run a reader without privileges")
+@pytest.mark.parametrize("passed", [True, False], ids=["copy-passed", "no-copy"])
+def test_a_config_the_agent_may_not_read_is_read_from_the_copy_systemd_passes(
+        tmp_path: Path, passed: bool) -> None:
+    import json
+    import subprocess
+    import sys
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    text = (f"provider:\n  issuer: {ISSUER}\n  client_id: root-only\n"
+            "storage:\n  path: state/c.json\n")
+    original = write(etc / "config.yaml", text)
+    # Another owner's 0600 file, and a reader with no capabilities: it may not open it,
+    # as the service user may not open root's config.
+    original.chmod(0o600)
+    os.chown(original, 4000, 4000)
+    env = {"PYTHONPATH": str(EXAMPLE.parent), "PATH": "/usr/bin:/bin"}
+    if passed:
+        credentials = tmp_path / "credentials"
+        credentials.mkdir(mode=0o500)
+        (credentials / "config.yaml").write_text(text)
+        (credentials / "config.yaml").chmod(0o400)
+        env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    done = subprocess.run([SETPRIV, "--bounding-set=-all", "--inh-caps=-all",
+                           sys.executable, "-c", LOAD_AS_SERVICE, str(original)],
+                          env=env, capture_output=True, text=True, timeout=30, check=True)
+    answer = json.loads(done.stdout)
+    if passed:
+        # Paths still count from the file's own directory, not the copy's.
+        assert answer == {"client_id": "root-only", "storage": str(etc / "state/c.json")}
+    else:
+        assert "Permission denied" in answer["error"]
+        assert f"LoadCredential=config.yaml:{original}" in answer["error"]

@@ -168,16 +168,15 @@ def test_install_into_a_root(tmp_path: Path) -> None:
     assert (tmp_path / SYSUSERS).read_bytes() == SHIPPED["sysusers.conf"].read_bytes()
     assert (tmp_path / CONFIG).read_bytes() == SHIPPED["config.example.yaml"].read_bytes()
     for path, mode in ((SERVICE, 0o644), (SOCKET, 0o644), (SYSUSERS, 0o644),
-                       (CONFIG, 0o640)):
+                       (CONFIG, 0o600)):
         assert _mode(tmp_path / path) == mode, path
     for directory in (SERVICE.parent, SYSUSERS.parent, CONFIG.parent):
         assert _mode(tmp_path / directory) == 0o755, directory
     if os.geteuid() == 0:
-        # Group from the target's /etc/group, not from this machine's.
-        assert (tmp_path / CONFIG).stat().st_gid == 990
+        # Root's alone: the token readers share the socket's group (issue 9 item 9).
+        assert (tmp_path / CONFIG).stat().st_gid == 0
         assert (tmp_path / CONFIG).stat().st_uid == 0
-        assert f"wrote {tmp_path / CONFIG} from config.example.yaml (mode 0640, owner " \
-               f"root:{SYSTEM_USER})" in out
+    assert f"wrote {tmp_path / CONFIG} from config.example.yaml (mode 0600)" in out
     assert f"wrote {tmp_path / SERVICE} (mode 0644)" in out
     assert f"`systemd-sysusers --root {tmp_path}`" in out
     assert "warning:" in out  # PROGRAM does not exist inside the temp root
@@ -226,6 +225,22 @@ def test_an_existing_config_is_never_overwritten(tmp_path: Path) -> None:
     assert config.read_text() == "provider: {issuer: https://id.example/, client_id: mine}\n"
     assert _mode(config) == 0o600
     assert f"kept existing {config}" in out
+
+
+def test_a_config_an_earlier_install_left_group_readable_is_made_root_only(
+        tmp_path: Path) -> None:
+    config = tmp_path / CONFIG
+    config.parent.mkdir(parents=True)
+    config.write_text("provider: {issuer: https://id.example/, client_id: mine}\n")
+    config.chmod(0o640)
+    status, out = _install(tmp_path)
+    assert status == 0
+    assert config.read_text() == "provider: {issuer: https://id.example/, client_id: mine}\n"
+    assert _mode(config) == 0o600
+    assert f"kept existing {config}, now 0600 (was 0640" in out
+    # The unit written beside it hands the service the copy it can no longer open.
+    assert "LoadCredential=config.yaml:/etc/device-agent/config.yaml" in (
+        tmp_path / SERVICE).read_text().splitlines()
 
 
 def test_a_failed_command_stops_the_install(tmp_path: Path) -> None:
