@@ -47,14 +47,6 @@ def hooks_from_config(hooks: Sequence[HookConfig]) -> tuple[Hook, ...]:
                       pass_token=h.pass_token) for h in hooks)
 
 
-def _secrets(creds: Credentials | None) -> list[str]:
-    """Every token the agent holds, to be redacted from whatever a hook prints."""
-    if creds is None:
-        return []
-    tokens = creds.tokens
-    return [t for t in (tokens.access_token, tokens.refresh_token, tokens.id_token) if t]
-
-
 class Consumers:
     def __init__(self, driver: Driver, files: Sequence[TokenFile], hooks: HookRunner) -> None:
         self._driver = driver
@@ -73,10 +65,20 @@ class Consumers:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_files())
 
+    def _secrets(self, creds: Credentials | None) -> list[str]:
+        """Every token the agent holds, and the client secret, to be redacted from
+        whatever a hook prints (it may print the config or the credential file)."""
+        found = [self._driver.settings.client.client_secret]
+        if creds is not None:
+            tokens = creds.tokens
+            found += [tokens.access_token, tokens.refresh_token, tokens.id_token]
+        return [secret for secret in found if secret]
+
     def _fire_token_hooks(self, creds: Credentials | None) -> None:
         """After the files are written, so a hook that reads one sees the new token."""
         if creds is None:
-            self._hooks.fire("signed_out", {"DEVICE_AGENT_STATE": "signed_out"})
+            self._hooks.fire("signed_out", {"DEVICE_AGENT_STATE": "signed_out"},
+                             secrets=self._secrets(None))
             return
         env = {"DEVICE_AGENT_STATE": Phase.SIGNED_IN.value}
         user = user_label(creds)
@@ -86,7 +88,7 @@ class Consumers:
         if expires_at is not None:
             env["DEVICE_AGENT_EXPIRES_AT"] = str(int(expires_at))
         self._hooks.fire("token_changed", env, token=creds.tokens.access_token,
-                         secrets=_secrets(creds))
+                         secrets=self._secrets(creds))
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         previous, self._phase = self._phase, snapshot.phase
@@ -96,9 +98,9 @@ class Consumers:
         token = creds.tokens.access_token if creds else None
         if snapshot.phase == Phase.SIGNED_IN and previous != Phase.REFRESH_FAILING:
             self._hooks.fire("signed_in", self._env(snapshot), token=token,
-                             secrets=_secrets(creds))
+                             secrets=self._secrets(creds))
         elif snapshot.phase == Phase.AWAITING_USER:
-            self._hooks.fire("sign_in_needed", self._env(snapshot), secrets=_secrets(creds))
+            self._hooks.fire("sign_in_needed", self._env(snapshot), secrets=self._secrets(creds))
 
     def _env(self, snapshot: Snapshot) -> dict[str, str]:
         env = {"DEVICE_AGENT_STATE": snapshot.phase.value}
@@ -131,6 +133,10 @@ class Consumers:
                     file.clear()
                 else:
                     file.write(creds.tokens, expires_at=expires_at)
+            except PermissionError as exc:
+                log.error("token file %s: %s; under the shipped unit, `sudo device-agent "
+                          "install-service` adds what token files need (the group, "
+                          "fchown(), the directory)", file.path, exc)
             except (OSError, ValueError) as exc:
                 log.error("token file %s: %s", file.path, exc)
 

@@ -32,9 +32,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 from agent.fsutil import remove_durably, write_atomic
+
+if TYPE_CHECKING:
+    from agent.config import SinkConfig
 
 __all__ = [
     "CONFIG_PATH",
@@ -63,6 +66,8 @@ _UNIT_DIR: Final = PurePosixPath("/etc/systemd/system")
 _SYSUSERS_FILE: Final = PurePosixPath("/etc/sysusers.d/device-agent.conf")
 _STATE_DIR: Final = PurePosixPath("/var/lib/device-agent")
 _RUNTIME_DIR: Final = PurePosixPath("/run/device-agent")
+# Written from the config's token files; ours to rewrite and remove.
+_TOKEN_FILES_DROP_IN: Final = _UNIT_DIR / f"{SERVICE_UNIT}.d" / "token-files.conf"
 _BOOT_CONFIGS: Final = (PurePosixPath("/boot/firmware/config.txt"),  # bookworm and later
                         PurePosixPath("/boot/config.txt"))
 _PROGRAM_NAME: Final = "device-agent"
@@ -366,6 +371,54 @@ def _tighten_config(session: _Session, target: Path) -> None:
     session.changed = True
 
 
+def token_files_drop_in(sinks: Iterable[SinkConfig]) -> str | None:
+    """What the hardened unit lacks for these token files: the groups they are given to
+    (joined, and fchown() allowed: @chown is in the unit's ~@privileged) and their
+    directories, when outside the two the unit makes writable. None: nothing."""
+    groups = sorted({sink.group for sink in sinks if sink.group is not None})
+    directories = sorted({str(sink.path.parent) for sink in sinks
+                          if not any(PurePosixPath(sink.path).is_relative_to(writable)
+                                     for writable in (_RUNTIME_DIR, _STATE_DIR))})
+    if not groups and not directories:
+        return None
+    lines = ["# Written by `device-agent install-service` from the sinks: of",
+             f"# {CONFIG_PATH}; run it again after changing them.", "[Service]"]
+    if groups:
+        lines += ["# Token files given to a group: the agent joins it and may fchown().",
+                  f"SupplementaryGroups={' '.join(groups)}", "SystemCallFilter=@chown"]
+    if directories:
+        # "-": a directory not made yet must not keep the agent (and its sign-in code)
+        # from starting; writing the file there then fails in the log, by name.
+        lines += ["# Token files outside /run/device-agent and /var/lib/device-agent.",
+                  *(f"ReadWritePaths=-{d}" for d in directories)]
+    return "\n".join(lines) + "\n"
+
+
+def _install_token_files_drop_in(session: _Session) -> bool:
+    """True when the drop-in changed."""
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    target = session.path(CONFIG_PATH)
+    if not target.exists():
+        return False
+    try:
+        config = load_config(target, environ={})
+    except ConfigError as exc:
+        session.say(f"warning: {exc}; token-file drop-in not checked")
+        return False
+    for sink in config.sinks:
+        if sink.owner is not None and sink.owner != SYSTEM_USER:
+            session.say(f"warning: sinks: {sink.path} has owner: {sink.owner}; the hardened "
+                        f"unit cannot give a file to another user (no CAP_CHOWN): use "
+                        f"group: instead")
+    text = token_files_drop_in(config.sinks)
+    if text is None:
+        return (session.path(_TOKEN_FILES_DROP_IN).exists()
+                and session.remove(_TOKEN_FILES_DROP_IN))
+    return session.write(_TOKEN_FILES_DROP_IN, text.encode(), mode=0o644)
+
+
 def _warn_about_program(session: _Session, program: Path) -> None:
     shown = str(program)
     if shown.startswith(_HIDDEN_BY_PROTECT_HOME):
@@ -423,6 +476,7 @@ def _install(session: _Session, program: Path) -> int:
             f"{session.root}` creates them now, or systemd-sysusers on that system")
 
     _install_config(session)
+    units_changed |= _install_token_files_drop_in(session)
     _check_boot_config(session)
 
     if units_changed and session.live:
@@ -433,8 +487,8 @@ def _install(session: _Session, program: Path) -> int:
     say("")
     say("next steps:")
     say(f"  1. edit {config}: provider.issuer, provider.client_id, display.type")
-    say(f"  2. check it as the service will read it: "
-        f"sudo -u {SYSTEM_USER} {program} check-config {config}")
+    say(f"  2. check it: sudo {program} check-config {config}; after adding token files "
+        f"with a group: or outside /run and /var/lib, run this command again")
     say(f"  3. start it now and at every boot: sudo systemctl enable --now {SERVICE_UNIT}")
     say(f"  4. see it: systemctl status {SERVICE_UNIT}; journalctl -u {SERVICE_UNIT} -f")
     say(f"  optional, socket activation: sudo systemctl enable --now {SOCKET_UNIT}")

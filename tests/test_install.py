@@ -7,6 +7,7 @@ import argparse
 import io
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -462,3 +463,86 @@ def test_sysusers_file_creates_the_user_and_keeps_existing_groups(tmp_path: Path
     for name in DEVICE_GROUPS:
         assert SYSTEM_USER in groups[name][3].split(","), name
     assert 0 < int(passwd[SYSTEM_USER][2]) < 1000  # a system user
+
+
+# -- issue 9 item 12: the unit and the hardware and token files it promises ------------
+
+def _config_with_sinks(root: Path, sinks: list[dict[str, str]]) -> None:
+    config = root / CONFIG
+    config.parent.mkdir(parents=True, exist_ok=True)
+    import json
+    config.write_text(json.dumps({
+        "provider": {"issuer": "https://id.example/application/o/x/", "client_id": "x"},
+        "sinks": sinks}))
+    config.chmod(0o600)
+
+
+DROP_IN = Path("etc/systemd/system/device-agent.service.d/token-files.conf")
+
+
+def test_token_files_with_a_group_or_elsewhere_get_the_drop_in_they_need(
+        tmp_path: Path) -> None:
+    _config_with_sinks(tmp_path, [
+        {"path": "/srv/uploader/token", "group": "uploader", "mode": "0640"},
+        {"path": "/run/device-agent/token"}])
+    status, out = _install(tmp_path)
+    assert status == 0
+    text = (tmp_path / DROP_IN).read_text()
+    settings = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert settings == ["[Service]", "SupplementaryGroups=uploader",
+                        "SystemCallFilter=@chown", "ReadWritePaths=-/srv/uploader"]
+    assert f"wrote {tmp_path / DROP_IN} (mode 0644)" in out
+    # Again: nothing to change.
+    assert f"unchanged {tmp_path / DROP_IN}" in _install(tmp_path)[1]
+    # Without such files it goes, and the unit is back to its own rules.
+    _config_with_sinks(tmp_path, [{"path": "/run/device-agent/token"}])
+    status, out = _install(tmp_path)
+    assert status == 0 and not (tmp_path / DROP_IN).exists()
+    assert f"removed {tmp_path / DROP_IN}" in out
+
+
+def test_a_token_file_for_another_owner_is_called_out(tmp_path: Path) -> None:
+    _config_with_sinks(tmp_path, [{"path": "/run/device-agent/token", "owner": "pi"}])
+    status, out = _install(tmp_path)
+    assert status == 0
+    assert "owner: pi; the hardened unit cannot give a file to another user" in out
+
+
+def test_the_token_file_drop_in_allows_chown_and_scores_1_6(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    _config_with_sinks(tmp_path, [{"path": "/srv/uploader/token", "group": "uploader"}])
+    assert _install(tmp_path)[0] == 0
+
+    def security() -> str:
+        return subprocess.run(
+            [analyze, "security", "--offline=true", f"--root={tmp_path}", "device-agent.service"],
+            capture_output=True, text=True, check=False, timeout=60).stdout
+
+    def chown_allowed(report: str) -> bool:
+        line = next(line for line in report.splitlines() if "SystemCallFilter=~@privileged" in line)
+        return line.lstrip().startswith("✗")
+
+    with_drop_in = security()
+    assert chown_allowed(with_drop_in), with_drop_in
+    assert "Overall exposure level for device-agent.service: 1.6 OK" in with_drop_in
+    (tmp_path / DROP_IN).unlink()
+    assert not chown_allowed(security())
+
+
+def test_the_units_proc_shows_what_board_detection_reads() -> None:
+    """gpiozero and RPi.GPIO read /proc/cpuinfo (and /proc/device-tree on a Pi). No
+    systemd runs here to start the unit, so its /proc is made the way systemd makes it:
+    a new procfs, with `subset=pid` when the unit says ProcSubset=pid."""
+    unshare = _tool("unshare")
+    unit = SHIPPED["device-agent.service"].read_text().splitlines()
+    subset = next((line.split("=", 1)[1] for line in unit if line.startswith("ProcSubset=")),
+                  "all")
+    options = "-o subset=pid " if subset == "pid" else ""
+    probe = f"{shlex.quote(sys.executable)} -c \"open('/proc/cpuinfo').read()\""
+    result = subprocess.run(
+        [unshare, "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c",
+         f"mount -t proc {options}proc /proc && {probe}"],
+        capture_output=True, text=True, check=False, timeout=60)
+    if "Operation not permitted" in result.stderr:
+        pytest.skip("unshare/mount needs CAP_SYS_ADMIN, which this machine does not give")
+    assert result.returncode == 0, result.stderr
