@@ -19,6 +19,7 @@ from agent.config import AgentConfig
 from agent.consumers import Consumers, hooks_from_config, token_files_from_config
 from agent.display import Display
 from agent.driver import Driver
+from agent.errors import StoreInsecure, StoreTooNew
 from agent.hooks import HookRunner
 from agent.oauth import Client
 from agent.oauth.discovery import ExplicitEndpoints
@@ -152,14 +153,20 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             from agent.display.factory import create_display
 
             display = create_display(config.display, clock=clock)
-        store.open()
         consumers = Consumers(driver, token_files_from_config(config.sinks),
                               HookRunner(hooks_from_config(config.hooks)))
         def on_change(snapshot: Snapshot) -> None:
             notifier.status(summary(snapshot, now_wall=clock.time()))
 
         driver.add_listener(on_change)
-        await driver.load()
+        try:
+            store.open()
+            await driver.load()
+        except (StoreInsecure, StoreTooNew) as exc:
+            # Exit 78 follows and systemd does not restart: the fix goes on the panel,
+            # which keeps it, for the person who walks up to a silent device.
+            await _show_fatal(display, str(exc))
+            raise
         policy = AccessPolicy(read_users=config.api.read_users,
                               read_groups=config.api.read_groups,
                               admin_users=config.api.admin_users,
@@ -223,6 +230,19 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         store.close()
         notifier.close()
         log.info("stopped")
+
+
+async def _show_fatal(display: Display | None, problem: str) -> None:
+    if display is None:
+        return
+    from agent.display.screens import fatal_screen
+
+    try:
+        await display.start()
+        await display.show(fatal_screen(problem))
+        await display.close()
+    except Exception:
+        log.exception("the display failed to show the problem")
 
 
 def _inherited_socket() -> socket.socket | None:

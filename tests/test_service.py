@@ -134,3 +134,38 @@ async def test_sigterm_during_a_slow_refresh_waits_for_the_rotated_token_to_reac
     with CredentialStore(store_path) as store:
         creds = store.load()
     assert creds is not None and creds.tokens.refresh_token == live
+
+
+async def test_a_store_only_a_person_can_fix_leaves_the_fix_on_the_panel(
+        tmp_path: Path) -> None:
+    """Issue 9 item 13: exit 78 follows, and nothing restarts the agent; the panel (luma's
+    dummy device) keeps the fix after the agent has let go of it."""
+    import pytest
+    from luma.core.device import dummy
+
+    from agent.display.layout import compose
+    from agent.display.oled import LumaDisplay
+    from agent.display.screens import fatal_screen
+    from agent.errors import StoreInsecure
+
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)  # others could replace the credentials
+    config = config_from_mapping({
+        "provider": {"issuer": "http://127.0.0.1:9/application/o/x/", "client_id": "x",
+                     "allow_insecure_http": True},
+        "display": {"type": "none"},
+        "storage": {"path": str(state / "credentials.json")},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
+    device = dummy(width=128, height=64, mode="1")
+    display = LumaDisplay(lambda: device, clock=ManualClock())
+    with pytest.raises(StoreInsecure) as raised:
+        await serve(config, shutdown=asyncio.Event().wait(), display=display)
+    assert f"fix: chmod go-w {state}" in str(raised.value)
+    # Cleaned up, yet lit: the frame on the glass is the fix.
+    assert device.persist
+    expected = compose(fatal_screen(str(raised.value)), width=128, height=64, mode="1")
+    assert device.image is not None and device.image.tobytes() == expected.image.tobytes()
+    assert fatal_screen(str(raised.value)).lines[0] == f"Fix: chmod go-w {state}"
+    assert any("chmod" in line for line in expected.text), expected.text

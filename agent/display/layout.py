@@ -174,7 +174,7 @@ def _palette(mode: str) -> _Palette:
     return _Palette(
         ground=(0, 0, 0), ink=(255, 255, 255), dim=(170, 170, 170), light=(255, 255, 255),
         dark=(0, 0, 0), track=(60, 60, 60),
-        accents={"signed_in": green, "denied": red, "config_error": red,
+        accents={"signed_in": green, "denied": red, "config_error": red, "fatal": red,
                  "no_network": amber, "refresh_failing": amber, "throttled": amber,
                  "code_expired": amber, "bar_high": green, "bar_mid": amber, "bar_low": red})
 

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agent.clock import Clock, SystemClock
+from agent.display.screens import FATAL
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -314,7 +315,9 @@ class LumaDisplay:
             self._ready = False
             if device is not None:
                 # luma's cleanup clears and switches off the panel: a code left on
-                # it after the agent stops could no longer sign anyone in.
+                # it after the agent stops could no longer sign anyone in. A fatal
+                # screen is the exception: it is there for whoever walks up.
+                device.persist = self._screen is not None and self._screen.kind == FATAL
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(device.cleanup)
 

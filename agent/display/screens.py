@@ -53,6 +53,19 @@ class Screen:
 BLANK_SCREEN = Screen(kind="blank", title="", lines=())
 
 
+# The one screen meant to outlive the agent: it exits 78 after drawing it, and a panel
+# keeps it lit (luma's persist), so the person who walks up to the device reads the fix.
+FATAL = "fatal"
+
+
+def fatal_screen(problem: str) -> Screen:
+    """For a fix only a person can make (a permission, a file written by a newer
+    version). The typed errors word it as "...; fix: COMMAND"."""
+    reason, _, fix = problem.partition("; fix: ")
+    return Screen(kind=FATAL, title="Config error",
+                  lines=(f"Fix: {fix}" if fix else reason, "then restart device-agent"))
+
+
 def format_user_code(code: str) -> str:
     """Group a user code so it can be read at a glance.
 
