@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.clock import Clock, SystemClock
+from agent.clock import Clock, SystemClock, clock_is_set
 from agent.config import AgentConfig
 from agent.consumers import Consumers, hooks_from_config, token_files_from_config
 from agent.display import Display
@@ -159,6 +160,14 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             notifier.status(summary(snapshot, now_wall=clock.time()))
 
         driver.add_listener(on_change)
+        interval = watchdog_interval()
+        if interval is not None and notifier.enabled:
+            tasks.append(asyncio.create_task(run_watchdog(notifier, interval), name="watchdog"))
+        if not clock_is_set(clock.time()):
+            # Loading starts the first requests (discovery, a refresh).
+            await _wait_for_the_clock(clock, notifier, display, stop)
+            if stop.done():
+                return
         try:
             store.open()
             await driver.load()
@@ -188,9 +197,6 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             blank_after = None if config.display.type == "console" else config.display.blank_after
             tasks.append(asyncio.create_task(
                 _drive_display(display, driver, clock, blank_after), name="display"))
-        interval = watchdog_interval()
-        if interval is not None and notifier.enabled:
-            tasks.append(asyncio.create_task(run_watchdog(notifier, interval), name="watchdog"))
         run = asyncio.create_task(driver.run(), name="driver")
         notifier.ready(summary(driver.snapshot, now_wall=clock.time()))
         if on_ready is not None:
@@ -230,6 +236,35 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         store.close()
         notifier.close()
         log.info("stopped")
+
+
+# How often an unset clock is looked at again.
+CLOCK_CHECK_INTERVAL = 2.0
+
+
+async def _wait_for_the_clock(clock: Clock, notifier: Notifier, display: Display | None,
+                              stop: asyncio.Future[object]) -> None:
+    """Before any request: TLS would fail with "certificate not yet valid" (read as "no
+    network"), and a sign-in's expiry would be written in 1970. Ready for systemd, which
+    would otherwise kill a start that waits on NTP; the API comes up once it is set."""
+    from agent.display.screens import CLOCK_NOT_SET_SCREEN
+
+    log.warning("the clock is not set (it says %s): waiting for network time (NTP) before "
+                "signing in; check `timedatectl`", time.strftime(
+                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(clock.time())))
+    notifier.ready("Waiting for the clock to be set (NTP) before signing in")
+    if display is not None:
+        try:
+            await display.start()
+            await display.show(CLOCK_NOT_SET_SCREEN)
+        except Exception:
+            log.exception("the display failed; the agent goes on without it")
+    while not clock_is_set(clock.time()):
+        if stop.done():
+            return
+        await clock.sleep(CLOCK_CHECK_INTERVAL)
+    log.info("the clock is set: %s", time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                    time.gmtime(clock.time())))
 
 
 async def _show_fatal(display: Display | None, problem: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from agent.config import config_from_mapping
 from agent.display.screens import Screen
 from agent.driver import Driver
@@ -76,8 +78,6 @@ async def test_countdown_ticks_then_signed_in_then_blank(
 
 async def test_a_locked_store_stops_start_up_and_leaves_nothing_running(
         tmp_path: Path) -> None:
-    import pytest
-
     from agent.errors import StoreLocked
     from agent.store import CredentialStore
 
@@ -140,7 +140,6 @@ async def test_a_store_only_a_person_can_fix_leaves_the_fix_on_the_panel(
         tmp_path: Path) -> None:
     """Issue 9 item 13: exit 78 follows, and nothing restarts the agent; the panel (luma's
     dummy device) keeps the fix after the agent has let go of it."""
-    import pytest
     from luma.core.device import dummy
 
     from agent.display.layout import compose
@@ -169,3 +168,54 @@ async def test_a_store_only_a_person_can_fix_leaves_the_fix_on_the_panel(
     assert device.image is not None and device.image.tobytes() == expected.image.tobytes()
     assert fatal_screen(str(raised.value)).lines[0] == f"Fix: chmod go-w {state}"
     assert any("chmod" in line for line in expected.text), expected.text
+
+
+async def test_an_unset_clock_is_waited_for_and_said_before_any_request(
+        provider: IdentityProvider, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 16: a Pi without a real-time clock boots in 1970."""
+    import agent.clock
+
+    synchronized = tmp_path / "timesync" / "synchronized"
+    monkeypatch.setattr(agent.clock, "TIMESYNC_SYNCHRONIZED", synchronized)
+    clock = ManualClock(wall=86_400.0 * 3)  # 1970-01-04
+    config = config_from_mapping({
+        "provider": {"issuer": provider.issuer, "client_id": "device-agent",
+                     "allow_insecure_http": True},
+        "display": {"type": "none"},
+        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
+    display = RecordingDisplay(clock)
+    ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, shutdown=stop.wait(), clock=clock,
+                                     display=display, on_ready=ready.set_result))
+    await clock.run_until(lambda: display.kinds() == ["clock_not_set"])
+    clock.advance(60)
+    await asyncio.sleep(0.05)
+    assert display.kinds() == ["clock_not_set"] and not ready.done()
+    assert provider.requests == []  # not even discovery
+    assert not (tmp_path / "agent.sock").exists()
+
+    # timesyncd says it has synchronised (the clock itself may still look old).
+    synchronized.parent.mkdir()
+    synchronized.touch()
+    await clock.run_until(ready.done)
+    driver = ready.result()
+    await clock.run_until(lambda: "code" in display.kinds())
+    assert display.kinds()[0] == "clock_not_set"
+    assert driver.snapshot.phase == Phase.AWAITING_USER
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_plausible_clock_is_not_waited_for(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.clock
+    from agent.clock import EARLIEST_PLAUSIBLE_TIME, clock_is_set
+
+    monkeypatch.setattr(agent.clock, "TIMESYNC_SYNCHRONIZED", tmp_path / "absent")
+    assert clock_is_set(EARLIEST_PLAUSIBLE_TIME)
+    assert not clock_is_set(EARLIEST_PLAUSIBLE_TIME - 1)
+    assert not clock_is_set(0.0)

@@ -176,6 +176,7 @@ def _palette(mode: str) -> _Palette:
         dark=(0, 0, 0), track=(60, 60, 60),
         accents={"signed_in": green, "denied": red, "config_error": red, "fatal": red,
                  "no_network": amber, "refresh_failing": amber, "throttled": amber,
+                 "clock_not_set": amber,
                  "code_expired": amber, "bar_high": green, "bar_mid": amber, "bar_low": red})
 
 

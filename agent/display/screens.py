@@ -66,6 +66,11 @@ def fatal_screen(problem: str) -> Screen:
                   lines=(f"Fix: {fix}" if fix else reason, "then restart device-agent"))
 
 
+# Before the first sign-in request: TLS and token times need the wall clock.
+CLOCK_NOT_SET_SCREEN = Screen(kind="clock_not_set", title="Clock not set",
+                              lines=("Waiting for network time", "(NTP) before signing in"))
+
+
 def format_user_code(code: str) -> str:
     """Group a user code so it can be read at a glance.
 
