@@ -83,7 +83,7 @@ class Driver:
         self._store = store
         self._clock = clock
         self._session_file = session_file or SessionFile(
-            store.path.with_name("session.json"))
+            store.path.with_name("session.json"), machine_id=settings.machine_id)
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         # Set and replaced on every publish (and every input): waiters wake without

@@ -113,8 +113,11 @@ class SessionRecord:
 class SessionFile:
     """The session file at `path`, beside the credential file and under its lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, machine_id: str | None = None) -> None:
         self._path = Path(path)
+        # A cloned SD card carries this file too: another device's owed revocations
+        # would end that device's sign-in, and its code budget is not this one's.
+        self._machine_id = machine_id
         self._swept = False
 
     @property
@@ -147,6 +150,12 @@ class SessionFile:
         # Python's digit limit; RecursionError is absurdly deep nesting.
         except (ValueError, RecursionError):
             return self._discard("it is not valid JSON")
+        written_on = document.get("machine_id") if isinstance(document, dict) else None
+        if self._machine_id is not None and written_on not in (None, self._machine_id):
+            log.warning("%s was written on another machine (a cloned SD card image?); "
+                        "starting from an empty session: what it owes the provider is "
+                        "the other device's to do", path)
+            return SessionRecord()
         try:
             record, problems = _decode(document)
         except _Newer as newer:
@@ -185,7 +194,7 @@ class SessionFile:
         # Checked by decoding the very text that would be written, with load()'s own
         # rules: one definition of a valid file, and no way for the two to drift apart.
         try:
-            text = _dumps(_to_document(record))
+            text = _dumps(self._document(record))
             checked, problems = _decode(json.loads(text))
         except (ValueError, TypeError, RecursionError):
             # allow_nan=False and the int digit limit raise ValueError; a foreign type
@@ -199,7 +208,13 @@ class SessionFile:
             return text
         log.warning("%s: not saving what the next start could not read: %s",
                     self._path, "; ".join(problems))
-        return _dumps(_to_document(checked))
+        return _dumps(self._document(checked))
+
+    def _document(self, record: SessionRecord) -> dict[str, Any]:
+        document = _to_document(record)
+        if self._machine_id is not None:
+            document["machine_id"] = self._machine_id
+        return document
 
     def _sweep(self) -> None:
         # Safe only because writes happen under the store's lock: no other writer's

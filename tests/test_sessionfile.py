@@ -831,3 +831,20 @@ def test_kill_9_while_saving_leaves_the_old_or_the_new_record(path: Path) -> Non
 def test_module_exports_the_documented_api() -> None:
     assert set(sessionfile.__all__) >= {"PendingCode", "PendingRevocation", "SessionFile",
                                         "SessionRecord"}
+
+
+def test_a_session_written_on_another_machine_is_not_used(
+        path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 9 item 16: a cloned SD card image must not revoke the other device's tokens
+    or spend its code budget."""
+    record = FULL
+    SessionFile(path, machine_id="a" * 32).save(record)
+    assert json.loads(path.read_text())["machine_id"] == "a" * 32
+    assert SessionFile(path, machine_id="a" * 32).load() == record
+    with caplog.at_level(logging.WARNING):
+        assert SessionFile(path, machine_id="b" * 32).load() == SessionRecord()
+    assert any("written on another machine" in r.getMessage() for r in caplog.records)
+    # A file from before the binding, or a machine without an id, still loads.
+    assert SessionFile(path).load() == record
+    SessionFile(path).save(record)
+    assert SessionFile(path, machine_id="b" * 32).load() == record
