@@ -216,30 +216,23 @@ def test_a_changed_unit_is_rewritten_and_reloaded(tmp_path: Path) -> None:
     assert "nothing changed" not in out
 
 
-def test_an_existing_config_is_never_overwritten(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "said"), [
+    (0o600, "kept existing {config}\n"),
+    # An earlier install wrote it 0640 root:device-agent, which every token reader
+    # could read; the unit written beside it hands the service a copy instead.
+    (0o640, "kept existing {config}, now 0600 (was 0640"),
+], ids=["private", "group-readable"])
+def test_an_existing_config_is_never_overwritten_and_made_root_only(
+        tmp_path: Path, mode: int, said: str) -> None:
     config = tmp_path / CONFIG
     config.parent.mkdir(parents=True)
     config.write_text("provider: {issuer: https://id.example/, client_id: mine}\n")
-    config.chmod(0o600)
+    config.chmod(mode)
     status, out = _install(tmp_path)
     assert status == 0
     assert config.read_text() == "provider: {issuer: https://id.example/, client_id: mine}\n"
     assert _mode(config) == 0o600
-    assert f"kept existing {config}" in out
-
-
-def test_a_config_an_earlier_install_left_group_readable_is_made_root_only(
-        tmp_path: Path) -> None:
-    config = tmp_path / CONFIG
-    config.parent.mkdir(parents=True)
-    config.write_text("provider: {issuer: https://id.example/, client_id: mine}\n")
-    config.chmod(0o640)
-    status, out = _install(tmp_path)
-    assert status == 0
-    assert config.read_text() == "provider: {issuer: https://id.example/, client_id: mine}\n"
-    assert _mode(config) == 0o600
-    assert f"kept existing {config}, now 0600 (was 0640" in out
-    # The unit written beside it hands the service the copy it can no longer open.
+    assert said.format(config=config) in out
     assert "LoadCredential=config.yaml:/etc/device-agent/config.yaml" in (
         tmp_path / SERVICE).read_text().splitlines()
 

@@ -7,13 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import config_from_mapping
+from agent.config import AgentConfig, config_from_mapping
 from agent.display.screens import Screen
 from agent.driver import Driver
 from agent.idp import IdentityProvider, ProviderSettings
 from agent.service import serve
 from agent.state import Phase
 from tests.clock import ManualClock
+
+OFFLINE_ISSUER = "http://127.0.0.1:9/application/o/x/"
+
+
+def _config(tmp_path: Path, issuer: str, *, display: dict[str, str] | None = None,
+            state: Path | None = None) -> AgentConfig:
+    return config_from_mapping({
+        "provider": {"issuer": issuer, "client_id": "device-agent",
+                     "allow_insecure_http": True},
+        "display": display or {"type": "none"},
+        "storage": {"path": str((state or tmp_path / "state") / "credentials.json")},
+        "api": {"socket": str(tmp_path / "agent.sock")},
+    })
 
 
 class RecordingDisplay:
@@ -43,13 +56,8 @@ class RecordingDisplay:
 
 async def test_countdown_ticks_then_signed_in_then_blank(
         provider: IdentityProvider, clock: ManualClock, tmp_path: Path) -> None:
-    config = config_from_mapping({
-        "provider": {"issuer": provider.issuer, "client_id": "device-agent",
-                     "allow_insecure_http": True},
-        "display": {"type": "png", "path": str(tmp_path / "frame.png"), "blank_after": "5m"},
-        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
-        "api": {"socket": str(tmp_path / "agent.sock")},
-    })
+    config = _config(tmp_path, provider.issuer, display={
+        "type": "png", "path": str(tmp_path / "frame.png"), "blank_after": "5m"})
     display = RecordingDisplay(clock)
     ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
@@ -81,13 +89,7 @@ async def test_a_locked_store_stops_start_up_and_leaves_nothing_running(
     from agent.errors import StoreLocked
     from agent.store import CredentialStore
 
-    config = config_from_mapping({
-        "provider": {"issuer": "http://127.0.0.1:9/application/o/x/", "client_id": "x",
-                     "allow_insecure_http": True},
-        "display": {"type": "none"},
-        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
-        "api": {"socket": str(tmp_path / "agent.sock")},
-    })
+    config = _config(tmp_path, OFFLINE_ISSUER)
     before = asyncio.all_tasks()
     with CredentialStore(config.storage.path), pytest.raises(StoreLocked):
         await serve(config, shutdown=asyncio.Event().wait())
@@ -150,13 +152,7 @@ async def test_a_store_only_a_person_can_fix_leaves_the_fix_on_the_panel(
     state = tmp_path / "state"
     state.mkdir()
     state.chmod(0o777)  # others could replace the credentials
-    config = config_from_mapping({
-        "provider": {"issuer": "http://127.0.0.1:9/application/o/x/", "client_id": "x",
-                     "allow_insecure_http": True},
-        "display": {"type": "none"},
-        "storage": {"path": str(state / "credentials.json")},
-        "api": {"socket": str(tmp_path / "agent.sock")},
-    })
+    config = _config(tmp_path, OFFLINE_ISSUER, state=state)
     device = dummy(width=128, height=64, mode="1")
     display = LumaDisplay(lambda: device, clock=ManualClock())
     with pytest.raises(StoreInsecure) as raised:
@@ -179,13 +175,7 @@ async def test_an_unset_clock_is_waited_for_and_said_before_any_request(
     synchronized = tmp_path / "timesync" / "synchronized"
     monkeypatch.setattr(agent.clock, "TIMESYNC_SYNCHRONIZED", synchronized)
     clock = ManualClock(wall=86_400.0 * 3)  # 1970-01-04
-    config = config_from_mapping({
-        "provider": {"issuer": provider.issuer, "client_id": "device-agent",
-                     "allow_insecure_http": True},
-        "display": {"type": "none"},
-        "storage": {"path": str(tmp_path / "state" / "credentials.json")},
-        "api": {"socket": str(tmp_path / "agent.sock")},
-    })
+    config = _config(tmp_path, provider.issuer)
     display = RecordingDisplay(clock)
     ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
