@@ -161,11 +161,20 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
 
         driver.add_listener(on_change)
         interval = watchdog_interval()
-        if interval is not None and notifier.enabled:
-            tasks.append(asyncio.create_task(run_watchdog(notifier, interval), name="watchdog"))
+
+        def start_watchdog() -> None:
+            # After READY: systemd counts the watchdog from there.
+            if interval is not None and notifier.enabled and not any(
+                    task.get_name() == "watchdog" for task in tasks):
+                tasks.append(asyncio.create_task(run_watchdog(notifier, interval),
+                                                 name="watchdog"))
+
         if not clock_is_set(clock.time()):
-            # Loading starts the first requests (discovery, a refresh).
-            await _wait_for_the_clock(clock, notifier, display, stop)
+            # Before loading, which starts the first requests (discovery, a refresh).
+            # Ready for systemd, which would otherwise kill a start that waits on NTP.
+            notifier.ready("Waiting for the clock to be set (NTP) before signing in")
+            start_watchdog()
+            await _wait_for_the_clock(clock, display, stop)
             if stop.done():
                 return
         try:
@@ -199,6 +208,7 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
                 _drive_display(display, driver, clock, blank_after), name="display"))
         run = asyncio.create_task(driver.run(), name="driver")
         notifier.ready(summary(driver.snapshot, now_wall=clock.time()))
+        start_watchdog()
         if on_ready is not None:
             on_ready(driver)
         await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -242,17 +252,16 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
 CLOCK_CHECK_INTERVAL = 2.0
 
 
-async def _wait_for_the_clock(clock: Clock, notifier: Notifier, display: Display | None,
+async def _wait_for_the_clock(clock: Clock, display: Display | None,
                               stop: asyncio.Future[object]) -> None:
     """Before any request: TLS would fail with "certificate not yet valid" (read as "no
-    network"), and a sign-in's expiry would be written in 1970. Ready for systemd, which
-    would otherwise kill a start that waits on NTP; the API comes up once it is set."""
+    network"), and a sign-in's expiry would be written in 1970. The API comes up once
+    the clock is set."""
     from agent.display.screens import CLOCK_NOT_SET_SCREEN
 
     log.warning("the clock is not set (it says %s): waiting for network time (NTP) before "
                 "signing in; check `timedatectl`", time.strftime(
                     "%Y-%m-%d %H:%M:%S UTC", time.gmtime(clock.time())))
-    notifier.ready("Waiting for the clock to be set (NTP) before signing in")
     if display is not None:
         try:
             await display.start()
