@@ -466,7 +466,8 @@ TRANSITIONS: Mapping[tuple[Region, State, str], Row] = _rows(
        "is handed out") for state in (T.NONE, *_TOKENS_HELD)),
     (Region.TOKENS, T.VALID, "rewrite", (T.SAVING,),
      "the same tokens written again: claims from userinfo, a dead refresh token "
-     "removed, or a write the disk refused before"),
+     "removed, the rotated refresh token of an answer without an access token, or a "
+     "write the disk refused before"),
     (Region.TOKENS, T.SAVING, "saved", (T.VALID,),
      "on disk: serve the new tokens; a new sign-in revokes the previous refresh token "
      "(RFC 7009)"),
@@ -1158,7 +1159,11 @@ class Session:
                 self._go(Region.SIGN_IN, "throttled", S.WAITING)
                 self._budget.refund()
                 step = self._throttle_step or self.settings.throttle_backoff
-                delay = jittered(max(step, hint or 0.0), self._rng)
+                # Retry-After is a floor only up to the back-off's cap: a refused try
+                # costs nothing, and a header (or a wall clock far behind the provider's
+                # Retry-After date) must not keep codes away for a day.
+                floor = min(hint or 0.0, self.settings.throttle_backoff_max)
+                delay = jittered(max(step, floor), self._rng)
                 self._throttle_step = min(step * 2, self.settings.throttle_backoff_max)
                 self._throttle_until = self._now.mono + delay
                 self._wait_phase = Phase.THROTTLED
@@ -1427,6 +1432,11 @@ class Session:
                 self._owe_revocation(event.tokens)
                 self._log(logging.INFO, "a refresh landed for credentials that are gone; "
                           "revoking what it brought")
+            elif isinstance(event, ServerTrouble) and event.refresh_token is not None:
+                self._owe_revocation(replace(sent_with, refresh_token=event.refresh_token),
+                                     access=False)
+                self._log(logging.INFO, "a refresh landed for credentials that are gone; "
+                          "revoking the refresh token it brought")
             return
         assert creds is not None
         match event:
@@ -1464,7 +1474,7 @@ class Session:
                 self._refresh_error = f"refresh refused: {oauth_error}"
                 self._refresh_retry_at = now.mono + self.settings.refresh_retry_max
                 self._log(logging.ERROR, self._refresh_error)
-            case ServerTrouble(reason=reason, retry_after=hint):
+            case ServerTrouble(reason=reason, retry_after=hint, refresh_token=rotated):
                 self._go(Region.TOKENS, "trouble", T.VALID)
                 left = self._lease.remaining(now) if self._lease else None
                 delay = self._refresh_backoff.next_delay()
@@ -1479,6 +1489,13 @@ class Session:
                          else "expired")
                 self._log(logging.WARNING, f"refresh failed ({reason}); token {state}; "
                           f"retrying in {delay:.0f} s")
+                if rotated is not None:
+                    # The provider rotated and then sent no access token: the refresh
+                    # token sent is dead, and the new one is all that keeps the sign-in.
+                    self._log(logging.WARNING, "the refresh answer carried a new refresh "
+                              "token but no access token; keeping the new refresh token")
+                    self._rewrite(replace(creds, tokens=replace(creds.tokens,
+                                                                refresh_token=rotated)))
 
     # -- userinfo and revocation ---------------------------------------------------
 

@@ -7,11 +7,12 @@ hostile endpoint cannot fill a small device's memory.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -81,11 +82,23 @@ class Transport:
                 # looks like it is from the future.
                 raise TLSFailed(f"TLS with {_host(request.url)} failed: the clock is not "
                                 f"set yet (waiting for time sync): {reason}") from None
+            untrusted = _untrusted(exc)
+            if untrusted is not None:
+                # The one failure a person fixes in the config: say where.
+                raise TLSFailed(f"TLS with {_host(request.url)} failed: the certificate is "
+                                f"not trusted ({untrusted}); {self._trust_fix()}") from None
             raise TLSFailed(f"TLS with {_host(request.url)} failed: {reason}") from None
         except TimeoutError:
             raise RequestTimeout(f"{_host(request.url)} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ConnectFailed(f"{_host(request.url)}: {_reason(exc)}") from None
+            raise ConnectFailed(_connect_reason(request.url, exc)) from None
+
+    def _trust_fix(self) -> str:
+        if self._ca_file is None:
+            return ("a provider with a private or self-signed certificate needs its CA "
+                    "certificate in provider.ca_file")
+        return (f"provider.ca_file ({self._ca_file}) does not hold the CA that signed the "
+                "provider's certificate")
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         if response.content_length is not None and response.content_length > self._max_bytes:
@@ -116,9 +129,39 @@ class Transport:
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).netloc or url
+
+
+# OpenSSL's X509_V_ERR_* codes that mean "no trusted CA vouches for this chain":
+# unable to get the issuer's certificate (2, 20), self-signed (18, 19), unable to verify
+# the leaf's signature (21). Expiry, a wrong host name and the like are not mended by a
+# CA file.
+_UNTRUSTED_CHAIN = frozenset({2, 18, 19, 20, 21})
+
+
+def _untrusted(exc: BaseException) -> str | None:
+    """OpenSSL's words when no trusted CA vouches for the certificate, else None."""
+    error = getattr(exc, "certificate_error", exc)
+    if isinstance(error, ssl.SSLCertVerificationError) and (
+            error.verify_code in _UNTRUSTED_CHAIN):
+        return str(error.verify_message)
+    return None
+
+
+def _connect_reason(url: str, exc: BaseException) -> str:
+    """What went wrong on the way, in words a person acts on: the OS's few words for
+    the common cases, aiohttp's full message for the rest."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, socket.gaierror):
+        host = urlsplit(url).hostname or _host(url)
+        return f"cannot resolve the host name {host} ({os_error.strerror or os_error})"
+    if isinstance(os_error, ConnectionRefusedError):
+        return f"{_host(url)} refused the connection"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{_host(url)} closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{_host(url)} closed the connection partway through its answer"
+    return f"{_host(url)}: {_reason(exc)}"
 
 
 def _reason(exc: BaseException) -> str:

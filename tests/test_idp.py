@@ -21,6 +21,7 @@ import pytest
 
 from agent.idp import (
     Answer,
+    Cut,
     Delay,
     Drop,
     ExpiryMode,
@@ -761,6 +762,19 @@ async def test_script_drop_closes_the_connection(wire: Wire, provider: IdentityP
     assert provider.requests[-1].status is None
     status, body = await wire.poll(codes["device_code"])
     assert_oauth_error(status, body, "authorization_pending")
+
+
+@pytest.mark.parametrize("work", [True, False])
+async def test_script_cut_sends_half_an_answer_after_doing_the_work_or_not(
+        work: bool, wire: Wire, provider: IdentityProvider) -> None:
+    tokens = await wire.sign_in()
+    provider.script("token", Cut(work=work))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await wire.refresh(tokens["refresh_token"])
+    assert provider.requests[-1].status is None
+    # With the work done the refresh token rotated, and the one sent is dead.
+    assert provider.refresh_token_valid(tokens["refresh_token"]) is not work
+    assert len(provider.live_refresh_tokens()) == 1
 
 
 async def test_script_delay_then_normal_answer(wire: Wire, provider: IdentityProvider) -> None:

@@ -105,6 +105,23 @@ class TestRefresh:
                                 previous=PREVIOUS, now_wall=0)
         assert event == ServerTrouble(reason="HTTP 503", retry_after=17.0)
 
+    @pytest.mark.parametrize(("body", "kept"), [
+        ({"token_type": "Bearer", "refresh_token": "rt-1"}, "rt-1"),
+        ({"access_token": "", "refresh_token": "rt-1"}, "rt-1"),
+        ({"token_type": "Bearer", "refresh_token": "rt-0"}, None),   # not rotated
+        ({"token_type": "Bearer", "refresh_token": ""}, None),
+        ({"token_type": "Bearer", "refresh_token": 5}, None),
+        ({"token_type": "Bearer"}, None),
+    ])
+    def test_a_rotated_refresh_token_beside_no_access_token_is_handed_on(
+            self, body: dict[str, Any], kept: str | None) -> None:
+        # The provider has rotated by the time it answers 200: the refresh token it
+        # sends is the only one left, even when the answer is otherwise unusable.
+        event = receive_refresh(answer(200, body), previous=PREVIOUS, now_wall=0)
+        assert isinstance(event, ServerTrouble) and "access_token" in event.reason
+        assert event.refresh_token == kept
+        assert "rt-1" not in repr(event)
+
 
 class TestRevocation:
     def test_request(self) -> None:

@@ -530,6 +530,31 @@ def test_lost_refresh_is_retried_once_then_a_refusal_serves_the_old_token_and_si
                and s.purpose != "revoke")
 
 
+def test_refresh_answer_without_an_access_token_keeps_its_rotated_refresh_token() -> None:
+    # 4
+    pump = Pump()
+    pump.start(stored(lifetime=600))
+    pump.run_until(M0 + 480)
+    rotated = reply(200, {"token_type": "Bearer", "expires_in": 3600, "refresh_token": "R2"})
+    effects = pump.answer("refresh", rotated)
+    # Trouble, but the only live refresh token goes to disk beside the old access token.
+    [save] = saves(effects)
+    assert save.credentials.tokens.refresh_token == "R2"
+    assert save.credentials.tokens.access_token == "A1"
+    assert pump.session.snapshot.phase == Phase.REFRESH_FAILING
+    served = pump.session.token_for(0.0, pump.now)
+    assert isinstance(served, TokenSet) and served.access_token == "A1"
+    assert served.expires_at == W0 + 600, "the old token's life is not lengthened"
+    # The retry, after the back-off, sends the new one.
+    pump.run_for(60.0)
+    retry = pump.request("refresh")
+    assert form(retry, "refresh_token") == "R2"
+    pump.answer(retry, token_answer("A3", "R3"))
+    assert pump.session.snapshot.phase == Phase.SIGNED_IN
+    assert pump.session.credentials is not None
+    assert pump.session.credentials.tokens.refresh_token == "R3"
+
+
 # -- 5. disk before anything else after redemption --------------------------------------
 
 def test_redemption_is_saved_before_any_send_and_userinfo_waits_for_saved() -> None:
@@ -578,6 +603,23 @@ def test_logout_during_refresh_revokes_the_tokens_the_refresh_brings() -> None:
     assert all(s.request.url == IDP + "revoke/" for s in sends(landed, "revoke"))
     owed = records(landed)
     assert owed and {r.token for r in owed[-1].pending_revocations} >= {"R2", "A2"}
+
+
+def test_logout_during_refresh_revokes_the_refresh_token_of_an_answer_it_cannot_use(
+        ) -> None:
+    # 6
+    pump = Pump()
+    pump.start(stored(lifetime=600))
+    pump.run_until(M0 + 480)
+    refresh = pump.request("refresh")
+    pump.feed(Logout())
+    for revoke in pump.sends("revoke"):
+        pump.answer(revoke, REVOKED)
+    landed = pump.answer(refresh, reply(200, {"token_type": "Bearer", "refresh_token": "R2"}))
+    assert not saves(landed)
+    assert pump.session.credentials is None
+    revoked = [(form(s, "token"), form(s, "token_type_hint")) for s in sends(landed, "revoke")]
+    assert revoked == [("R2", "refresh_token")]
 
 
 def test_logout_during_a_poll_revokes_its_approval_instead_of_adopting_it() -> None:
@@ -761,6 +803,18 @@ def test_device_endpoint_429_throttles_from_two_minutes_doubling_to_thirty() -> 
     for gap, step in zip(gaps, (120, 240, 480, 960, 1800, 1800), strict=False):
         assert step <= gap <= step * 1.25 + 0.001, (gaps, step)
     assert pump.session.snapshot.phase == Phase.THROTTLED
+
+
+def test_device_endpoint_retry_after_is_a_floor_only_up_to_the_throttle_cap() -> None:
+    # 11
+    pump = Pump()
+    pump.start()
+    pump.answer("device", reply(429, {"error": "slow_down"}, {"Retry-After": "86400"}))
+    snap = pump.session.snapshot
+    assert snap.phase == Phase.THROTTLED
+    assert snap.next_code_at is not None and snap.next_code_at <= pump.wall + 1800 * 1.25
+    pump.run_for(1800 * 1.25 + 1)
+    assert len(pump.sends("device")) == 2
 
 
 def test_refused_device_requests_do_not_spend_the_code_budget() -> None:

@@ -156,6 +156,40 @@ async def test_tls_verified_with_system_trust_and_the_configured_ca(tmp_path: Pa
         await runner.cleanup()
 
 
+async def test_an_untrusted_certificate_names_provider_ca_file(tmp_path: Path) -> None:
+    # The fault matrix's TLS cases: the one TLS failure a person mends in the config.
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    other, _ = _self_signed(tmp_path / "other")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner, url = await _serve(context)
+    try:
+        async with Transport() as transport:
+            with pytest.raises(TLSFailed, match=r"not trusted .*needs its CA certificate in "
+                                                r"provider\.ca_file"):
+                await transport.send(HttpRequest(method="GET", url=f"{url}/echo"))
+        async with Transport(ca_file=other) as transport:
+            with pytest.raises(TLSFailed) as raised:
+                await transport.send(HttpRequest(method="GET", url=f"{url}/echo"))
+            assert f"provider.ca_file ({other}) does not hold the CA" in str(raised.value)
+    finally:
+        await runner.cleanup()
+
+
+async def test_refused_and_unresolvable_say_so_in_few_words() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = sock.getsockname()[1]
+        async with Transport() as transport:
+            with pytest.raises(ConnectFailed) as refused:
+                await transport.send(HttpRequest(method="GET", url=f"http://127.0.0.1:{port}/"))
+            with pytest.raises(ConnectFailed) as unresolved:
+                await transport.send(HttpRequest(method="GET", url=f"http://idp.invalid:{port}/"))
+    assert str(refused.value) == f"127.0.0.1:{port} refused the connection"
+    assert str(unresolved.value).startswith("cannot resolve the host name idp.invalid (")
+
+
 async def test_a_certificate_from_the_future_says_the_clock_is_not_set(tmp_path: Path) -> None:
     # Issue 9 item 16: a Pi without a real-time clock before NTP has synced.
     cert, key = _self_signed(tmp_path, valid_from=datetime.timedelta(days=3))

@@ -17,7 +17,7 @@ runs it so a person can approve a code in a browser. Behaviour mirrors authentik
 
 Time comes from an injected clock, so tests move minutes of expiry in milliseconds.
 Per-test behaviour is scripted with `script()`: a failure, a dropped connection, a
-delay or an arbitrary answer for the next requests to one endpoint.
+delay, an answer cut short or an arbitrary answer for the next requests to one endpoint.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ import itertools
 import json
 import logging
 import secrets
+import ssl
 import string
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -50,6 +52,7 @@ __all__ = [
     "ENDPOINTS",
     "Action",
     "Answer",
+    "Cut",
     "Delay",
     "Drop",
     "ExpiryMode",
@@ -57,6 +60,7 @@ __all__ = [
     "IdentityProvider",
     "ProviderSettings",
     "RecordedRequest",
+    "Slow",
     "serve_provider",
 ]
 
@@ -77,6 +81,7 @@ SUPPORTED_SCOPES = ("openid", "profile", "email", "offline_access")
 _DEVICE_CODE_ALPHABET = string.ascii_letters + string.digits + string.punctuation
 # `generate_client_secret()`: what opaque refresh tokens are made of.
 _REFRESH_ALPHABET = string.ascii_letters + string.digits
+ISSUED_KINDS = ("access_token", "refresh_token", "id_token", "device_code")
 _HOUR = 3600.0
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -171,6 +176,17 @@ class Slow:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """Send the status line, the headers and half the body, then close the connection:
+    the client sees an answer begin and never end. With `work`, the endpoint has done
+    its work first (a refresh token rotated, a device code redeemed), so what is lost
+    is the only copy of the result; without, nothing was done and a canned token
+    answer is cut instead."""
+
+    work: bool = True
+
+
+@dataclass(frozen=True)
 class Answer:
     """An arbitrary answer instead of the normal one: `json` is serialised; `body` is
     sent as is (for malformed answers); neither means an empty body."""
@@ -185,7 +201,7 @@ class Answer:
             raise ValueError("give json or body, not both")
 
 
-Action = Fail | Drop | Delay | Slow | Answer
+Action = Fail | Drop | Delay | Slow | Cut | Answer
 
 
 @dataclass(kw_only=True)
@@ -275,6 +291,9 @@ class IdentityProvider:
         self._refresh: dict[str, _Grant] = {}
         self._throttle: dict[str, deque[float]] = {}
         self._serial = itertools.count()
+        # Every secret handed out, by kind; the live records above forget a token once
+        # it is revoked or redeemed, and never hold ID tokens at all.
+        self._issued: dict[str, list[str]] = {kind: [] for kind in ISSUED_KINDS}
         self._auto_approve: tuple[float, str] | None = None
         self._signer: Signer | None = None
         # Used for HS256 when there is neither cryptography nor a client secret.
@@ -362,6 +381,12 @@ class IdentityProvider:
 
     def live_access_tokens(self) -> list[str]:
         return [token for token in self._access if self.access_token_valid(token)]
+
+    def issued_secrets(self) -> dict[str, tuple[str, ...]]:
+        """Every access, refresh and ID token and every device code this provider ever
+        issued, oldest first, revoked and redeemed ones included: what a test checks
+        never reached a log or a screen."""
+        return {kind: tuple(values) for kind, values in self._issued.items()}
 
     def refresh_token_valid(self, token: str) -> bool:
         grant = self._refresh.get(token)
@@ -451,6 +476,8 @@ class IdentityProvider:
             # aiohttp cannot write this to the closed transport and takes it for a
             # client that went away, so nothing reaches the wire.
             return _Dropped()
+        if isinstance(action, Cut):
+            return await self._cut(request, form, handler, work=action.work)
         if isinstance(action, Delay):
             await asyncio.sleep(action.seconds)
         if isinstance(action, Slow):
@@ -458,6 +485,27 @@ class IdentityProvider:
             await asyncio.sleep(action.seconds)
             return answer
         return await handler(request, form)
+
+    async def _cut(self, request: web.Request, form: dict[str, str], handler: Handler, *,
+                   work: bool) -> web.StreamResponse:
+        if work:
+            done = await handler(request, form)
+            status = done.status
+            body = done.body if isinstance(done, web.Response) and isinstance(
+                done.body, bytes) else b""
+            content_type = done.content_type
+        else:
+            status, content_type = 200, "application/json"
+            body = json.dumps({"access_token": secrets.token_urlsafe(48),
+                               "token_type": "Bearer", "expires_in": 3600}).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        if request.transport is not None:
+            request.transport.write(head + body[:len(body) // 2])
+            # close, not abort: the half already written must reach the client first.
+            request.transport.close()
+        return _Dropped()
 
     # -- discovery and keys --------------------------------------------------------------
 
@@ -549,6 +597,7 @@ class IdentityProvider:
         )
         self._purge(now)
         self._codes[token.device_code] = token
+        self._issued["device_code"].append(token.device_code)
         base = self._base(request)
         answer: dict[str, Any] = {
             "device_code": token.device_code,
@@ -688,12 +737,15 @@ class IdentityProvider:
             "expires_in": int(settings.access_token_lifetime),
             "id_token": self.signer.sign(id_claims),
         }
+        self._issued["access_token"].append(access_token)
+        self._issued["id_token"].append(answer["id_token"])
         if with_refresh and "offline_access" in scopes:
             refresh_token = "".join(secrets.choice(_REFRESH_ALPHABET) for _ in range(128))
             self._refresh[refresh_token] = _Grant(
                 user=user, client_id=client_id, scopes=scopes,
                 expires_at=now + settings.refresh_token_lifetime, auth_time=auth_time)
             answer["refresh_token"] = refresh_token
+            self._issued["refresh_token"].append(refresh_token)
         return answer
 
     def _user_claims(self, user: str, scopes: tuple[str, ...]) -> dict[str, Any]:
@@ -866,19 +918,21 @@ def _html(text: str, *, status: int = 200) -> web.Response:
 @contextlib.asynccontextmanager
 async def serve_provider(settings: ProviderSettings | None = None, *,
                          clock: Clock | None = None, host: str = "127.0.0.1",
-                         port: int = 0) -> AsyncIterator[IdentityProvider]:
+                         port: int = 0, ssl_context: ssl.SSLContext | None = None,
+                         ) -> AsyncIterator[IdentityProvider]:
     """Run a provider on `host`:`port` (0: any free port) until the block ends;
-    `base_url` carries the port actually bound."""
+    `base_url` carries the port actually bound. With `ssl_context`, over HTTPS."""
     provider = IdentityProvider(settings, clock=clock)
     # No access log: its request lines would be noise in the agent's own log.
     runner = web.AppRunner(provider.app(), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
-        provider.base_url = f"http://{shown_host}:{bound_port}"
+        scheme = "https" if ssl_context is not None else "http"
+        provider.base_url = f"{scheme}://{shown_host}:{bound_port}"
         yield provider
     finally:
         await runner.cleanup()

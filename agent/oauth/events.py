@@ -5,7 +5,7 @@ Times are monotonic seconds, as passed in by the caller as `now`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import OAuthError
 from agent.oauth.models import DeviceAuthorization, TokenSet
@@ -113,10 +113,13 @@ class Rejected:
 @dataclass(frozen=True, kw_only=True)
 class ServerTrouble:
     """No usable answer this time (5xx, 429, malformed body): retry later.
-    `retry_after` is the provider's hint in seconds, when it gave one."""
+    `retry_after` is the provider's hint in seconds, when it gave one. `refresh_token`
+    is a new refresh token that a refresh answer carried beside no usable access token:
+    the provider has rotated by then, so it is the only one left that works."""
 
     reason: str
     retry_after: float | None = None
+    refresh_token: str | None = field(default=None, repr=False)
 
 
 Event = (

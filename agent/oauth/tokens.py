@@ -61,7 +61,8 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
                     ) -> Refreshed | RefreshRejected | Rejected | ServerTrouble:
     """- 200: new tokens; a missing refresh_token means the old one stays (RFC 6749 §6).
       The provider has rotated by now, so only an answer without an access token is
-      trouble; odd fields get a safe reading and a note (`parse_token_answer`).
+      trouble (and a new refresh token in it is handed on, to be kept); odd fields get
+      a safe reading and a note (`parse_token_answer`).
     - invalid_grant: the refresh token is dead (expired, revoked, or rotated away).
     - server_error, temporarily_unavailable, 5xx, 429, malformed: try again later.
     - any other error: the provider refuses our client; a new sign-in would not help.
@@ -73,7 +74,7 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
             tokens, notes = parse_token_answer(response, now_wall=now_wall,
                                                previous=previous)
         except MalformedResponse as exc:
-            return ServerTrouble(reason=str(exc))
+            return ServerTrouble(reason=str(exc), refresh_token=_rotated(response, previous))
         return Refreshed(tokens=tokens, notes=notes)
     error = answer.error
     if answer.verdict in (Verdict.TROUBLE, Verdict.THROTTLE) or error is None or isinstance(
@@ -84,6 +85,19 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
     # Any other code, one the RFCs name or not, ends this refresh; the refresh token is
     # kept, since only invalid_grant says it is dead.
     return Rejected(error=error)
+
+
+def _rotated(response: HttpResponse, previous: TokenSet) -> str | None:
+    """The new refresh token of a success answer that is unusable otherwise (no access
+    token): with strict rotation the one sent is dead already."""
+    try:
+        body = parse_json_object(response)
+    except MalformedResponse:
+        return None
+    token = body.get("refresh_token")
+    if isinstance(token, str) and token and token != previous.refresh_token:
+        return token
+    return None
 
 
 def revocation_request(token: str, *, hint: str, client: Client,
