@@ -16,9 +16,10 @@ a hostile hook from anything:
   NOTIFY_SOCKET, LISTEN_FDS, CREDENTIALS_DIRECTORY, ... and any secret in the agent's
   environment stay with the agent. The token is in it only when the hook asks for it.
 - Its output is logged line by line, attributed to it, after every secret the agent
-  named (and anything shaped like a JWT or a long base64 or hex run) is redacted and
-  control characters are escaped, so it can neither leak a token into the journal nor
-  forge a log line.
+  named (as is and JSON-escaped), the value of any field named as a secret (a device
+  code in session.json, a client secret in the config), and anything shaped like a JWT
+  or a long base64 or hex run are redacted and control characters are escaped, so it
+  can neither leak a token into the journal nor forge a log line.
 
 Events: `token_changed`, `signed_in`, `sign_in_needed`, `signed_out`.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -72,6 +74,17 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,4}")
 # row of dashes or a long word is not taken for a secret.
 _LONG_RUN = re.compile(r"[A-Za-z0-9+/_~-]{32,}=*")
 _DIGIT, _LETTER = re.compile(r"[0-9]"), re.compile(r"[A-Za-z]")
+# A value under a name that says it is secret, as a hook shows it when it prints one of
+# the agent's files or its environment: JSON (credentials.json, session.json), YAML
+# (config.yaml) or NAME=value. Device codes and many client secrets hold punctuation, so
+# no run pattern catches them, and the agent is not always told them. A quoted value
+# may run to the end of the line, where the output was cut.
+_SECRET_NAME = (r"[A-Za-z0-9_-]*"
+                r"(?:secret|password|device_code|access_token|refresh_token|id_token)")
+_QUOTED = r""""(?!\[redacted)(?:[^"\\]|\\.)*(?:"|$)|'(?!\[redacted)[^']*(?:'|$)"""
+_SECRET_FIELD = re.compile(
+    rf'(?i)(?P<json>"{_SECRET_NAME}"\s*:\s*)(?:{_QUOTED})'
+    rf"|(?P<bare>\b{_SECRET_NAME}\b\s*[:=][ \t]*)(?:{_QUOTED}|(?!\[redacted)\S+)")
 # What may be part of a token (RFC 6750 b64token, JWT dots): dropped from the end of kept
 # output that was cut, so no secret is shown in part, where no pattern would catch it.
 _TOKENISH_TAIL = re.compile(rb"[A-Za-z0-9+/=_~.-]+\Z")
@@ -123,7 +136,12 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     looks like a token by "[redacted]"."""
     for secret in sorted(set(secrets), key=len, reverse=True):
         if secret:
-            text = text.replace(secret, f"[redacted {fingerprint(secret)}]")
+            tag = f"[redacted {fingerprint(secret)}]"
+            # As itself, and as a JSON file (session.json, a config) holds it.
+            for form in _forms(secret):
+                text = text.replace(form, tag)
+    text = _SECRET_FIELD.sub(
+        lambda m: (m.group("json") or m.group("bare")) + "[redacted]", text)
     text = _JWT.sub("[redacted]", text)
 
     def run(match: re.Match[str]) -> str:
@@ -131,6 +149,26 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         return "[redacted]" if _DIGIT.search(found) and _LETTER.search(found) else found
 
     return _LONG_RUN.sub(run, text)
+
+
+def _forms(secret: str) -> tuple[str, ...]:
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    return (secret,) if escaped == secret else (secret, escaped)
+
+
+def _without_partial_secret(data: bytes, secrets: Iterable[str]) -> bytes:
+    """`data`, cut at the output limit, without the start of a secret at its very end,
+    where no replacement of the whole secret can find it."""
+    for secret in secrets:
+        for form in _forms(secret):
+            raw = form.encode()
+            start = data.find(raw[:1], max(0, len(data) - len(raw) + 1))
+            while start != -1:
+                if raw.startswith(data[start:]):
+                    data = data[:start]
+                    break
+                start = data.find(raw[:1], start + 1)
+    return data
 
 
 class _Capture:
@@ -337,7 +375,7 @@ class HookRunner:
                     secrets: Iterable[str]) -> None:
         data = bytes(capture.kept)
         if capture.total > len(data):
-            data = _TOKENISH_TAIL.sub(b"", data)
+            data = _TOKENISH_TAIL.sub(b"", _without_partial_secret(data, secrets))
         shown = lines = 0
         for raw in _LINES.findall(data):
             if lines == _LINE_LIMIT:

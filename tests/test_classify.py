@@ -92,3 +92,22 @@ def test_an_error_code_no_rfc_names_ends_the_code_not_the_client_setup() -> None
     refreshed = receive_refresh(answer(400, {"error": "weird_code"}), previous=PREVIOUS,
                                 now_wall=0.0)
     assert isinstance(refreshed, Rejected) and refreshed.error.code == "weird_code"
+
+
+def test_a_token_the_provider_echoes_in_its_error_goes_no_further() -> None:
+    # spring-security-oauth2: "Invalid refresh token: <value>". The text reaches the log,
+    # the status document, STATUS= and the 502 body of POST /v1/refresh.
+    token = "Zx8-" + "q" * 60 + ".abc_DEF~12"
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQtaGVyZQ"
+    refreshed = receive_refresh(answer(400, {
+        "error": "invalid_grant",
+        "error_description": f"Invalid refresh token: {token} (issued with {jwt})"}),
+        previous=PREVIOUS, now_wall=0.0)
+    assert isinstance(refreshed, RefreshRejected)
+    text = str(refreshed.error)
+    assert token not in text and token[:16] not in text and jwt[:16] not in text
+    assert "Invalid refresh token: [redacted] (issued with [redacted])" in text
+    # An error code is the provider's text too.
+    rejected = receive_refresh(answer(400, {"error": token}), previous=PREVIOUS,
+                               now_wall=0.0)
+    assert isinstance(rejected, Rejected) and token[:16] not in str(rejected.error)

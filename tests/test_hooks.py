@@ -306,3 +306,51 @@ async def test_a_secret_cut_by_the_output_limit_shows_no_prefix(
     text = "\n".join(_messages(caplog))
     assert "bytes not logged" in text
     assert "S3cr" not in text
+
+
+# Device codes and some client secrets hold punctuation: no run pattern finds them.
+DEVICE_CODE = 'J)5~K?p"wE\\lc8y@8v~]wF$rxwQ?z0o6h)VYW$zyRjFZ$ViDZQEO>rQ@mj_+u:-r!NwHCF'
+CLIENT_SECRET = "cs.Jq7u~W!m3R&kZx9%Tn2V"
+
+
+async def test_a_hook_printing_the_agents_files_shows_no_secret_with_punctuation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent")
+    # Not named to the runner: the code on screen in session.json (JSON-escaped), the
+    # client secret in a config and in an environment line. Named: a secret that a file
+    # holds JSON-escaped, under a key that says nothing.
+    unnamed = CLIENT_SECRET + "x"
+    named = CLIENT_SECRET + '"q'
+    session = tmp_path / "session.json"
+    session.write_text(json.dumps({"pending_code": {"device_code": DEVICE_CODE,
+                                                    "user_code": "123456789"}}, indent=2))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"provider:\n  client_id: dev\n  client_secret: '{unnamed}'\n")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"note": named}))
+    script = f'cat {session} {config} {other}; echo; echo "CLIENT_SECRET=$0"'
+    runner = HookRunner((Hook(command=(SH, "-c", script, unnamed),
+                              events=frozenset({"sign_in_needed"})),))
+    runner.fire("sign_in_needed", {}, secrets=[named])
+    await runner.drain()
+    assert runner.results == [("sh", "sign_in_needed", 0)]
+    text = "\n".join(_messages(caplog))
+    for secret in (DEVICE_CODE, json.dumps(DEVICE_CODE)[1:-1], CLIENT_SECRET):
+        assert secret[:12] not in text, text
+    # What is not secret stays readable, and the named secret is tagged as itself.
+    assert '"user_code": "123456789"' in text and "client_id: dev" in text
+    assert '{"note": "[redacted sha256:' in text
+
+
+async def test_a_named_secret_cut_by_the_output_limit_shows_no_prefix(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent")
+    # 4084 bytes before it: the kept 4 KiB end with its first 12 characters, which
+    # (with a "!" among them) no token pattern would take off.
+    script = "import sys; sys.stdout.write('ab ' * 1361 + 'a ' + sys.argv[1] + ' tail')"
+    runner = HookRunner((Hook(command=(sys.executable, "-c", script, CLIENT_SECRET)),))
+    runner.fire("token_changed", {}, secrets=[CLIENT_SECRET])
+    await runner.drain()
+    text = "\n".join(_messages(caplog))
+    assert "bytes not logged" in text
+    assert CLIENT_SECRET[:4] not in text

@@ -159,9 +159,18 @@ def parse_error(response: HttpResponse) -> OAuthError | None:
     description = body.get("error_description")
     if not isinstance(description, str):
         description = None
-    elif len(description) > _MAX_DESCRIPTION:
-        description = description[:_MAX_DESCRIPTION] + "…"
-    return oauth_error(code, description, status=response.status)
+    else:
+        description = _TOKEN_SHAPED.sub("[redacted]", description)
+        if len(description) > _MAX_DESCRIPTION:
+            description = description[:_MAX_DESCRIPTION] + "…"
+    return oauth_error(_TOKEN_SHAPED.sub("[redacted]", code), description,
+                       status=response.status)
+
+
+# Some providers echo the token they were sent ("Invalid refresh token: <value>", as
+# spring-security-oauth2 does), and the text goes on to the log, the status and the
+# screen. Words of prose are shorter than this; tokens, JWTs and device codes are not.
+_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_.~+=-]{24,}")
 
 
 def retry_after(response: HttpResponse, *, now_wall: float | None = None) -> float | None:
