@@ -155,7 +155,8 @@ class Driver:
         if self.session.credentials is None:
             raise NotSignedIn("not signed in")
         if not await self._refreshed():
-            raise ProviderUnavailable("the refresh was not answered in time")
+            raise ProviderUnavailable(self.session.why_no_refresh(self.now())
+                                      or "the refresh was not answered in time")
         creds = self.session.credentials
         if creds is None:
             raise NotSignedIn("signed out during the refresh")

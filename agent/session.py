@@ -594,6 +594,9 @@ class Session:
                                         settings.refresh_retry_max, rng=self._rng)
         self._refresh_retry_at: float | None = None
         self._refresh_error: str | None = None
+        # A refresh asked for before the endpoints were known (a restart with stored
+        # credentials): it follows the discovery answer, and callers wait for both.
+        self._refresh_after_discovery = False
         self.refreshes_done = 0          # answered refresh attempts, for waiting callers
         # revocation (RFC 7009), owed across restarts
         self._revocations: list[PendingRevocation] = []
@@ -684,9 +687,23 @@ class Session:
 
     @property
     def refreshing(self) -> bool:
-        """A refresh is out, or its tokens are on their way to disk (not served yet)."""
-        return self.states[Region.TOKENS] == T.SAVING or any(
-            out.purpose == "refresh" for out in self._out.values())
+        """A refresh is out (or waits for the endpoints), or its tokens are on their way
+        to disk (not served yet)."""
+        return (self.states[Region.TOKENS] == T.SAVING or self._refresh_after_discovery
+                or any(out.purpose == "refresh" for out in self._out.values()))
+
+    def why_no_refresh(self, now: Instant) -> str | None:
+        """Why a refresh asked for now does not start (the minimum gap or the back-off),
+        or None when nothing holds it back."""
+        gap = self._gap_left(now.mono)
+        if gap > 0:
+            return (f"refreshed {self._refresh_gap() - gap:.1f} s ago; the next refresh can "
+                    f"start in {gap:.1f} s")
+        if self._in_refresh_backoff(now.mono):
+            assert self._refresh_retry_at is not None
+            return (f"refresh failed: {self._refresh_error or 'the provider is not answering'}"
+                    f"; next try in {self._refresh_retry_at - now.mono:.0f} s")
+        return None
 
     def token_for(self, min_ttl: float, now: Instant, *, refreshed: bool = False
                   ) -> TokenSet | Refresh:
@@ -1045,8 +1062,12 @@ class Session:
                 "the provider does not list the offline_access scope, so it may issue no "
                 "refresh token (authentik: add the offline_access scope mapping to the "
                 "provider)")
+        if self._refresh_after_discovery:
+            self._refresh_after_discovery = False
+            self._start_refresh()
 
     def _discovery_failed(self, reason: str, *, misconfigured: bool) -> None:
+        self._refresh_after_discovery = False
         if misconfigured:
             delay = self.settings.retry_max
             self._log(logging.ERROR, f"provider metadata: {reason}; fix provider.issuer "
@@ -1401,6 +1422,7 @@ class Session:
             return  # callers get provider_unavailable at once (token_for says so)
         endpoints = self._need_endpoints()
         if endpoints is None:
+            self._refresh_after_discovery = self.states[Region.ENDPOINTS] == E.DISCOVERING
             return
         self._go(Region.TOKENS, "refresh", T.REFRESHING)
         self._send(refresh_request(creds.tokens, client=self.settings.client,
@@ -1441,17 +1463,21 @@ class Session:
         assert creds is not None
         match event:
             case Refreshed(tokens=tokens):
-                for note in event.notes:
-                    self._log(logging.WARNING, f"token answer: {note}")
                 tokens, fresh_claims = self._checked_id_token(tokens, previous=sent_with)
                 new = replace(creds, tokens=tokens, claims={**creds.claims, **fresh_claims})
                 self._last_refresh = now.mono
                 self._refresh_retry_at = None
                 self._refresh_error = None
                 self._refresh_backoff.reset()
+                lease = Lease.issued(tokens, out.sent)
+                # The save first: with strict rotation the provider's answer is the only
+                # copy of the refresh token until it is on disk, and a log line written
+                # to a slow journal would sit inside that window.
+                self._save("refreshed", new, lease)
+                for note in event.notes:
+                    self._log(logging.WARNING, f"token answer: {note}")
                 self._log(logging.INFO, f"refreshed (token {fingerprint(tokens.access_token)}"
-                          f", valid for {duration(Lease.issued(tokens, out.sent).remaining(now))})")
-                self._save("refreshed", new, Lease.issued(tokens, out.sent))
+                          f", valid for {duration(lease.remaining(now))})")
             case RefreshRejected(error=oauth_error):
                 left = self._lease.remaining(now) if self._lease else None
                 self._log(logging.WARNING, f"the refresh token was refused ({oauth_error}); "

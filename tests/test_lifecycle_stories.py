@@ -905,3 +905,43 @@ async def test_explicit_device_and_token_endpoints_still_use_the_document_for_th
     assert [r.status for r in revocations_of(provider, body["refresh_token"])] == [200]
     assert provider.live_refresh_tokens() == []
     assert not provider.access_token_valid(body["access_token"])
+
+
+async def test_a_caller_right_after_a_restart_waits_for_discovery_and_the_refresh(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    # A restart with stored credentials knows no endpoints yet: the first caller that
+    # needs a fresher token got "the provider is not answering" at once, while the
+    # provider was up, because the refresh waited for discovery without the caller.
+    provider_settings.access_token_lifetime = 600.0
+    run = await start_driver()
+    await sign_in(run, provider)
+    old = await run.driver.get_token()
+    await run.stop()
+    again = await start_driver()
+    await until(again, lambda s: s.phase == Phase.SIGNED_IN, max_seconds=5)
+    await run_for(again, 30)
+    assert provider.requests[-1].endpoint == "token"  # nothing since the sign-in
+    fresher = await again.driver.get_token(min_ttl=590.0)
+    assert fresher.access_token != old.access_token
+    assert provider.access_token_valid(fresher.access_token)
+    assert [r.endpoint for r in provider.requests[-2:]] == ["discovery", "token"]
+    # And `POST /v1/refresh` alike, right after another restart.
+    await again.stop()
+    third = await start_driver()
+    await until(third, lambda s: s.phase == Phase.SIGNED_IN, max_seconds=5)
+    refreshed = await third.driver.refresh()
+    assert refreshed.access_token not in (old.access_token, fresher.access_token)
+
+
+async def test_a_refresh_held_back_by_the_gap_says_so(
+        provider_settings: ProviderSettings, start_driver: StartDriver,
+        provider: IdentityProvider) -> None:
+    provider_settings.access_token_lifetime = 600.0
+    run = await start_driver()
+    await sign_in(run, provider)
+    await run.driver.refresh()
+    with pytest.raises(ProviderUnavailable) as refused:
+        await run.driver.refresh()
+    assert "the next refresh can start in" in str(refused.value)
+    assert "not answered in time" not in str(refused.value)
