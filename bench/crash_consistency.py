@@ -419,8 +419,7 @@ class Lane:
         return True
 
     async def warm_up(self, run: _Run) -> bool:
-        """One forced refresh that worked (the first ask after a start may find the
-        endpoints not yet discovered)."""
+        """One forced refresh that worked, before kills are timed around refreshes."""
         deadline = time.monotonic() + RESTART_LIMIT
         while time.monotonic() < deadline:
             if await self.force_refresh(run):
