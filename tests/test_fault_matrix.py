@@ -603,13 +603,18 @@ async def test_dead_refresh_token_keeps_the_access_token_and_shows_a_new_code(
 # -- 5. TLS with a private CA ------------------------------------------------------------
 
 
+async def https_provider(stack: contextlib.AsyncExitStack, settings: ProviderSettings,
+                         clock: ManualClock, ca: trustme.CA) -> IdentityProvider:
+    return await stack.enter_async_context(serve_provider(
+        settings, clock=ProviderClock(clock), ssl_context=tls_context(ca)))
+
+
 async def test_tls_private_ca_without_ca_file_names_the_fix_and_with_it_signs_in(
         provider_settings: ProviderSettings, agents: Start,
         stack: contextlib.AsyncExitStack, store_path: Path, clock: ManualClock,
         tmp_path: Path) -> None:
     ca = trustme.CA()
-    provider = await stack.enter_async_context(serve_provider(
-        provider_settings, clock=ProviderClock(clock), ssl_context=tls_context(ca)))
+    provider = await https_provider(stack, provider_settings, clock, ca)
     assert provider.base_url.startswith("https://")
     run = agents(provider, await network_to(provider, stack))
     failing = await until(run, lambda s: s.phase == Phase.NO_NETWORK, max_seconds=60)
@@ -639,8 +644,7 @@ async def test_tls_certificate_from_an_untrusted_ca_while_signed_in(
         stack: contextlib.AsyncExitStack, store_path: Path, clock: ManualClock,
         tmp_path: Path) -> None:
     ca = trustme.CA()
-    provider = await stack.enter_async_context(serve_provider(
-        provider_settings, clock=ProviderClock(clock), ssl_context=tls_context(ca)))
+    provider = await https_provider(stack, provider_settings, clock, ca)
     trusted = tmp_path / "ca.pem"
     network = await network_to(provider, stack, ca_file=ca_file(ca, trusted))
     run = agents(provider, network)

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import signal
 import socket
 import sys
@@ -30,8 +29,8 @@ from typing import Any
 import aiohttp
 
 from agent.idp import Action, Answer, Fail, IdentityProvider, ProviderSettings, serve_provider
+from tests.test_service_process import ROOT, _child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT_ID = "device-agent"
 # Punctuation, as some providers put in their secrets: no pattern alone catches it,
 # and it changes under JSON and URL encoding.
@@ -48,15 +47,6 @@ raw="$1"; shift
 for f in "$@"; do [ -r "$f" ] && cat "$f"; echo; done | tee -a "$raw" >&2
 exit 0
 """
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                                  "DEVICE_AGENT_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
 
 
 class Seen:
