@@ -57,9 +57,8 @@ def summary(snapshot: Snapshot, *, now_wall: float) -> str:
     """One line for systemd's STATUS= and the log: what a person needs to act on."""
     match snapshot.phase:
         case Phase.AWAITING_USER:
+            # As issued: a person may type what `systemctl status` shows.
             code = snapshot.user_code or "?"
-            if code.isdigit() and len(code) == 9:
-                code = f"{code[:3]} {code[3:6]} {code[6:]}"
             still = f"; still signed in as {snapshot.user}" if snapshot.user else ""
             return f"Waiting for sign-in: code {code} at {snapshot.verification_uri}{still}"
         case Phase.SIGNED_IN:

@@ -56,7 +56,8 @@ def test_options_reach_the_screen(tmp_path: Path) -> None:
         assert decode(image) == [HUNDRED]
     screen = synthetic_screen("code", uri=HUNDRED, code="WDJBMJHT", name="Hall",
                               progress=0.1)
-    assert screen.user_code_display == "WDJB-MJHT"
+    assert screen.user_code_display == "WDJBMJHT"
+    assert screen.user_code_groups == ("WDJB", "MJHT")
     assert screen.device_name == "Hall"
     assert screen.url == HUNDRED.split("?")[0].removeprefix("https://")
     assert screen.progress == pytest.approx(0.1)

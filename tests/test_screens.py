@@ -9,7 +9,7 @@ from agent.display.screens import (
     CODE_INSTRUCTION,
     Screen,
     build_screen,
-    format_user_code,
+    code_groups,
     short_url,
 )
 from agent.state import Phase, Snapshot
@@ -106,21 +106,26 @@ def test_code_screen_shows_code_url_qr_and_countdown() -> None:
     screen = build(awaiting(), code_lifetime=60)
     assert screen.kind == "code"
     assert screen.user_code == "123456789"
-    assert screen.user_code_display == "123 456 789"
+    assert screen.user_code_display == "123456789"
+    assert screen.user_code_groups == ("123", "456", "789")
     assert screen.url == "auth.example.com/device"
     assert screen.qr_data == URI_COMPLETE
     assert screen.seconds_left == 60
     assert screen.progress == 1.0
     assert screen.device_name == "Kitchen display"
     assert screen.lines[0] == CODE_INSTRUCTION
-    assert "Type the digits only" in screen.lines
+    assert "Type the 9 digits" in screen.lines
     assert "or scan the QR code" in screen.lines
 
 
-def test_digits_hint_only_for_digit_codes() -> None:
-    screen = build(awaiting(user_code="WDJBMJHT"))
-    assert screen.user_code_display == "WDJB-MJHT"
-    assert "Type the digits only" not in screen.lines
+def test_a_code_is_shown_exactly_as_issued_and_grouped_only_visually() -> None:
+    # django-oauth-toolkit: 8 characters of 0-9 and A-V, compared exactly; a dash shown
+    # between the groups was typed and refused ("Incorrect user code").
+    screen = build(awaiting(user_code="0V1LA9KQ"))
+    assert screen.user_code_display == "0V1LA9KQ"
+    assert screen.user_code_groups == ("0V1L", "A9KQ")
+    assert "Type the 8 letters and digits" in screen.lines
+    assert build(awaiting(user_code="WDJBMJHT")).lines[1] == "Type the 8 letters"
 
 
 def test_qr_falls_back_to_verification_uri() -> None:
@@ -128,7 +133,7 @@ def test_qr_falls_back_to_verification_uri() -> None:
     assert screen.qr_data == URI
     # The text URL and the code are there all the same (RFC 8628 §3.3.1).
     assert screen.url == "auth.example.com/device"
-    assert screen.user_code_display == "123 456 789"
+    assert screen.user_code_display == "123456789"
 
 
 @pytest.mark.parametrize(
@@ -221,23 +226,24 @@ def test_local_time_is_the_default_zone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "shown"),
+    ("code", "groups"),
     [
-        ("123456789", "123 456 789"),
-        ("004815162", "004 815 162"),
-        ("WDJBMJHT", "WDJB-MJHT"),
-        ("wdjb2mjh", "wdjb-2mjh"),
-        ("12345678", "12345678"),      # digits: a dash could be typed into a digit form
-        ("1234567890", "1234567890"),
-        ("WDJB-MJHT", "WDJB-MJHT"),
-        ("ABCDEFGHJ", "ABCDEFGHJ"),
-        ("abc", "abc"),
-        ("", ""),
-        ("１２３４５６７８９", "１２３４５６７８９"),
+        ("123456789", ("123", "456", "789")),
+        ("004815162", ("004", "815", "162")),
+        ("WDJBMJHT", ("WDJB", "MJHT")),
+        ("wdjb2mjh", ("wdjb", "2mjh")),
+        ("12345678", ("1234", "5678")),
+        ("1234567890", ("1234567890",)),
+        ("WDJB-MJHT", ("WDJB-MJHT",)),   # as issued: its own dash is part of it
+        ("ABCDEFGHJ", ("ABCDEFGHJ",)),
+        ("abc", ("abc",)),
+        ("１２３４５６７８９", ("１２３４５６７８９",)),
     ],
 )
-def test_format_user_code(code: str, shown: str) -> None:
-    assert format_user_code(code) == shown
+def test_code_groups_keep_every_character_and_add_none(code: str,
+                                                        groups: tuple[str, ...]) -> None:
+    assert code_groups(code) == groups
+    assert "".join(code_groups(code)) == code
 
 
 @pytest.mark.parametrize(

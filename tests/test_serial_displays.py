@@ -356,7 +356,7 @@ async def test_terminal_qr_is_black_on_white_beside_the_text(
     for row in block[2:-2]:
         assert {cell.ch for cell in row[:4] + row[-4:]} == {" "}
     assert block[2][4].ch == "█"  # the finder pattern's corner
-    code_row = next(r for r, text in enumerate(vt.text()) if text == "123 456 789")
+    code_row = next(r for r, text in enumerate(vt.text()) if text == "123456789")
     assert vt.cells[code_row][0].bg == 255
     await display.close()
 
@@ -446,7 +446,7 @@ async def test_terminal_ascii_charset_on_80x24_drops_the_qr_and_says_so(
     assert vt.decode() == []
     text = vt.text()
     assert "auth.example.com/device" in text
-    assert "123 456 789" in text
+    assert "123456789" in text
     assert "K?che" in text
     assert not any("QR" in line for line in text)
     notes = [r for r in caplog.records if "does not fit" in r.getMessage()]
@@ -526,12 +526,12 @@ async def test_nextion_sets_the_components_and_the_qr_text(uri: str) -> None:
     # A lone terminator first ends whatever the panel was half-way through.
     assert commands[:4] == ["", "sleep=0", "dim=100", "page 0"]
     values = nextion_values(commands)
-    assert values["tCode"] == "123 456 789" if uri != LONGER_HOST else "004 815 162"
+    assert values["tCode"] == "123456789" if uri != LONGER_HOST else "004815162"
     assert values["tUrl"] == screen.url
     assert values["tTitle"] == "Sign in"
     assert values["tName"] == "Kitchen display"
     assert values["qr0"] == uri
-    assert values["tStatus"] == "Expires in 1:00\rType the digits only\ror scan the QR code"
+    assert values["tStatus"] == "Expires in 1:00\rType the 9 digits\ror scan the QR code"
     assert "vis qr0,1" in commands
     assert scan_text(values["qr0"]) == [uri]
     await display.close()
@@ -574,7 +574,7 @@ async def test_nextion_countdown_tick_sends_one_command() -> None:
     assert "j0.val=100" in nextion_commands(wire.read())
     await display.show(code_screen(elapsed=1))
     assert nextion_commands(wire.read()) == [
-        'tStatus.txt="Expires in 0:59\\rType the digits only\\ror scan the QR code"',
+        'tStatus.txt="Expires in 0:59\\rType the 9 digits\\ror scan the QR code"',
         "j0.val=98"]
     await display.show(code_screen(elapsed=1.2))
     assert wire.read() == b""
@@ -591,7 +591,7 @@ async def test_nextion_custom_names_and_absent_components() -> None:
     commands = nextion_commands(wire.read())
     assert wire.calls[0]["baudrate"] == 115200
     assert commands == ["", "sleep=0", "dim=100", "page signin",
-                        'page1.code.txt="123 456 789"', f'page1.qr.txt="{AUTHENTIK}"',
+                        'page1.code.txt="123456789"', f'page1.qr.txt="{AUTHENTIK}"',
                         "vis qr,1"]
     await display.close()
 
@@ -720,20 +720,20 @@ async def test_charlcd_shows_the_grouped_code_and_the_url(
     await display.show(code_screen())
     lcd.feed(wire.read())
     if rows == 2:
-        assert lcd.text() == ["Code 123 456 789", "auth.example.com"]
+        assert lcd.text() == ["Code: 123456789 ", "auth.example.com"]
     else:
         assert lcd.text() == ["Sign in         1:00", "auth.example.com/dev",
-                              "ice                 ", "Code: 123 456 789   "]
+                              "ice                 ", "Code: 123456789     "]
     assert lcd.backlight
     # Two seconds on, a 16x2 row shows the rest of the URL.
     clock.advance(2)
     await display.show(code_screen(elapsed=2))
     lcd.feed(wire.read())
     if rows == 2:
-        assert lcd.text() == ["Code 123 456 789", "/device         "]
+        assert lcd.text() == ["Code: 123456789 ", "/device         "]
     else:
         assert lcd.text() == ["Sign in         0:58", "auth.example.com/dev",
-                              "ice                 ", "Code: 123 456 789   "]
+                              "ice                 ", "Code: 123456789     "]
     assert sum("cannot draw a QR code" in r.getMessage() for r in caplog.records) == 1
     await display.close()
 
@@ -752,7 +752,7 @@ async def test_charlcd_pages_through_a_long_url_without_skipping(
         await display.show(code_screen(LONGER_HOST, second))
         lcd.feed(wire.read())
         text = lcd.text()
-        assert text[0 if rows == 2 else 3].rstrip().endswith("004 815 162")
+        assert text[0 if rows == 2 else 3].rstrip().endswith("004815162")
         seen.append(text[1] if rows == 2 else text[1] + text[2])
         clock.advance(1)
     # Each part stays two seconds, and together they spell the URL.
@@ -898,11 +898,11 @@ async def test_a_port_missing_at_start_is_drawn_when_it_appears(
 
     def drawn() -> bool:
         received.extend(pty.read())
-        return b"123 456 789" in received
+        return b"123456789" in received
 
     await clock.run_until(drawn, max_seconds=2 * RETRY_INTERVAL)
     lcd = CharLcd(20, 4, "serlcd").feed(bytes(received))
-    assert lcd.text()[3] == "Code: 123 456 789   "
+    assert lcd.text()[3] == "Code: 123456789     "
     await display.close()
     # Closing voided the code.
     lcd.feed(pty.read())
@@ -1038,7 +1038,7 @@ async def test_a_write_cut_short_by_cancellation_is_not_interleaved_with_the_nex
     await closing
     assert showing.cancelled()
     frame, void = held.written
-    assert b'tCode.txt="123 456 789"' in frame
+    assert b'tCode.txt="123456789"' in frame
     assert nextion_values(nextion_commands(void))["tStatus"] == "This code is no longer valid"
     assert held.closed_after == 2
 
@@ -1057,6 +1057,6 @@ async def test_frames_arrive_whole_and_in_order_after_a_cancelled_show() -> None
     port: Any = held.port
     commands = nextion_commands(bytes(port.read(port.in_waiting)))
     assert commands[:4] == ["", "sleep=0", "dim=100", "page 0"]
-    assert commands.index('tCode.txt="123 456 789"') < commands.index('tCode.txt=""')
+    assert commands.index('tCode.txt="123456789"') < commands.index('tCode.txt=""')
     assert nextion_values(commands)["tTitle"] == "Signed in"
     await display.close()

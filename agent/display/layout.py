@@ -19,8 +19,10 @@ The code screen, most important first:
    (``qr_matrix(max_modules=...)``), unless a lower one leaves room for the URL whole,
    a larger quiet zone or a larger code.
 2. The user code, as large as it goes (beside a QR code at least `CODE_MIN` and a
-   sixth of the panel's short side), as grouped by ``format_user_code``; in a narrow
-   column its groups are stacked, one per line. It is never cut or ellipsized.
+   sixth of the panel's short side), its characters as issued in the groups of
+   ``screens.code_groups``, drawn apart with no character between them; in a narrow
+   column the groups are stacked, one per line. It is never cut or ellipsized. In a
+   code of letters and digits the zeros are slashed.
 3. The short URL: the font shrinks first, then the URL wraps at its punctuation (up to
    3 lines), and only as a last resort is it ellipsized (the QR code still carries it
    whole).
@@ -286,23 +288,8 @@ def _code_block(ts: _Type, code: str, size: int, width: int) -> _Block | None:
 
 
 def _code_groups(code: str) -> tuple[str, ...]:
-    # "123 456 789" -> three lines; "WDJB-MJHT" keeps its dash, which is part of what
-    # the person reads (and may type).
-    groups: list[str] = []
-    current = ""
-    for ch in code:
-        if ch == " ":
-            if current:
-                groups.append(current)
-            current = ""
-            continue
-        current += ch
-        if ch == "-":
-            groups.append(current)
-            current = ""
-    if current:
-        groups.append(current)
-    return tuple(groups)
+    # The groups of `screens.code_groups`, joined by the gap they are drawn with.
+    return tuple(group for group in code.split(" ") if group)
 
 
 def _url_pieces(url: str) -> list[str]:
@@ -651,7 +638,7 @@ def _code_templates(width: int, height: int, side: int, gap: int,
 
 def _plan_code(ts: _Type, screen: Screen, width: int, height: int) -> _Plan:
     content = _Content(
-        code=_clean(screen.user_code_display or screen.user_code or ""),
+        code=_clean(" ".join(screen.user_code_groups) or screen.user_code or ""),
         url=_clean(screen.url or ""),
         name=_clean(screen.device_name or ""),
         bar=screen.progress is not None)
@@ -870,7 +857,29 @@ def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: C
             top, bottom = line_top, line_bottom
         x = placed.x + (placed.w - (right - left)) // 2 - left
         draw.text((x, y - top), line, font=font, fill=colour)
+        if block.kind == "code" and _mixes_letters_and_digits(line):
+            _slash_zeros(ts, draw, line, block.size, x, y - top, colour)
         y += bottom - top + _line_gap(block.size)
+
+
+def _mixes_letters_and_digits(text: str) -> bool:
+    return any(ch.isdigit() for ch in text) and any(ch.isalpha() for ch in text)
+
+
+def _slash_zeros(ts: _Type, draw: ImageDraw.ImageDraw, line: str, size: int, x: int,
+                 y: int, colour: Colour) -> None:
+    """A code of letters and digits holds both 0 and O (django-oauth-toolkit's 0-9 and
+    A-V, say), which the font draws alike: each zero gets a slash, as on a terminal."""
+    for index, ch in enumerate(line):
+        if ch != "0":
+            continue
+        _, top, right, bottom = ts.bbox(line[:index + 1], size)
+        glyph_left = right - ts.width("0", size)
+        inset_x = max(1, (right - glyph_left) // 5)
+        inset_y = max(1, (bottom - top) // 6)
+        draw.line((x + right - inset_x, y + top + inset_y,
+                   x + glyph_left + inset_x, y + bottom - inset_y),
+                  fill=colour, width=max(1, size // 12))
 
 
 def _draw_bar(draw: ImageDraw.ImageDraw, bar: _Rect, progress: float, palette: _Palette) -> None:

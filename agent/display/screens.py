@@ -20,7 +20,7 @@ __all__ = [
     "CODE_INSTRUCTION",
     "Screen",
     "build_screen",
-    "format_user_code",
+    "code_groups",
     "short_url",
 ]
 
@@ -41,7 +41,9 @@ class Screen:
     title: str
     lines: tuple[str, ...]
     user_code: str | None = None
+    # What a text display shows: exactly as issued. Pixel panels draw the groups apart.
     user_code_display: str | None = None
+    user_code_groups: tuple[str, ...] = ()
     url: str | None = None
     qr_data: str | None = None
     seconds_left: int | None = None
@@ -71,22 +73,30 @@ CLOCK_NOT_SET_SCREEN = Screen(kind="clock_not_set", title="Clock not set",
                               lines=("Waiting for network time", "(NTP) before signing in"))
 
 
-def format_user_code(code: str) -> str:
-    """Group a user code so it can be read at a glance.
-
-    authentik issues 9 digits and its entry form takes digits only, so they are split
-    by spaces (which read as a pause, not as something to type), never by dashes.
-    8-character letter codes follow the RFC 8628 §6.1 example, "WDJB-MJHT"; servers
-    are told there to ignore the punctuation. Anything else is shown exactly as issued,
-    since an unknown server may not forgive a character we added.
+def code_groups(code: str) -> tuple[str, ...]:
+    """The user code's characters exactly as issued, in the groups a person reads at a
+    glance: 9 digits (authentik) in threes, 8 characters (RFC 8628 §6.1,
+    django-oauth-toolkit) in fours. The groups are drawn apart, never joined by a
+    character: authentik's entry form takes digits only and django-oauth-toolkit
+    compares codes exactly, so a dash or space added here would be typed and refused.
     """
-    if not code.isascii():
-        return code
-    if len(code) == 9 and code.isdigit():
-        return f"{code[:3]} {code[3:6]} {code[6:]}"
-    if len(code) == 8 and code.isalnum() and not code.isdigit():
-        return f"{code[:4]}-{code[4:]}"
-    return code
+    if code.isascii() and code.isalnum():
+        if len(code) == 9 and code.isdigit():
+            return (code[:3], code[3:6], code[6:])
+        if len(code) == 8:
+            return (code[:4], code[4:])
+    return (code,)
+
+
+def typing_hint(code: str) -> str:
+    """What to type, since the grouping on screen is not part of the code."""
+    if code.isascii() and code.isdigit():
+        return f"Type the {len(code)} digits"
+    if code.isascii() and code.isalpha():
+        return f"Type the {len(code)} letters"
+    if code.isascii() and code.isalnum():
+        return f"Type the {len(code)} letters and digits"
+    return "Type it exactly as shown"
 
 
 def short_url(uri: str) -> str:
@@ -172,7 +182,6 @@ def build_screen(snapshot: Snapshot, *, now_mono: float, now_wall: float,
 def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now_wall: float,
                  code_lifetime: float | None) -> Screen:
     code = snapshot.user_code
-    display = format_user_code(code) if code is not None else None
     uri = snapshot.verification_uri
     qr_data = snapshot.verification_uri_complete or uri
 
@@ -188,10 +197,8 @@ def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now
         progress = min(1.0, max(0.0, left / code_lifetime))
 
     lines = [CODE_INSTRUCTION]
-    if code is not None and code.isascii() and code.isdigit():
-        # authentik's entry form refuses anything but digits, so say the grouping
-        # spaces are not part of the code.
-        lines.append("Type the digits only")
+    if code is not None:
+        lines.append(typing_hint(code))
     if qr_data:
         lines.append("or scan the QR code")
     if snapshot.user:
@@ -202,7 +209,8 @@ def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now
         title="Sign in",
         lines=tuple(lines),
         user_code=code,
-        user_code_display=display,
+        user_code_display=code,
+        user_code_groups=code_groups(code) if code is not None else (),
         url=short_url(uri) if uri else None,
         qr_data=qr_data or None,
         seconds_left=seconds_left,
