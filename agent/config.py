@@ -193,6 +193,14 @@ class AgentConfig:
 @dataclass(frozen=True)
 class _Context:
     base_dir: Path   # relative paths in the file are taken from here
+    # Every problem found so far: a section reads all its keys before giving up, so a
+    # person sees the whole list at once.
+    errors: list[ConfigError] = dataclasses.field(default_factory=list)
+
+
+class _SectionFailed(Exception):
+    """A section with problems, already in the context's list: its parent goes on with
+    its other keys and builds nothing from this one."""
 
 
 Reader = Callable[[object, str, _Context], object]
@@ -515,21 +523,33 @@ def _section(spec: _Section) -> Reader:
         if not isinstance(value, Mapping):
             raise _type_error(key, "a mapping of keys to values", value)
         values: dict[str, object] = {}
+        failed: set[str] = set()
         for name, raw in value.items():
-            if not isinstance(name, str):
-                raise ConfigError(_join(key, _key_text(name)),
-                                  f"keys must be text, got {_kind(name)} (YAML reads "
-                                  "on/off/yes/no as booleans; quote the key)")
-            reader = spec.fields.get(name)
-            if reader is None:
-                raise ConfigError(_join(key, name), _unknown_key(name, spec.fields))
-            with _foreign_errors_as(_join(key, name)):
-                result = reader(raw, _join(key, name), ctx)
+            try:
+                if not isinstance(name, str):
+                    raise ConfigError(_join(key, _key_text(name)),
+                                      f"keys must be text, got {_kind(name)} (YAML reads "
+                                      "on/off/yes/no as booleans; quote the key)")
+                reader = spec.fields.get(name)
+                if reader is None:
+                    raise ConfigError(_join(key, name), _unknown_key(name, spec.fields))
+                with _foreign_errors_as(_join(key, name)):
+                    result = reader(raw, _join(key, name), ctx)
+            except ConfigError as exc:
+                ctx.errors.append(exc)
+                failed.add(_key_text(name))
+                continue
+            except _SectionFailed:
+                failed.add(_key_text(name))
+                continue
             if result is not _USE_DEFAULT:
                 values[name] = result
         for name in _required(spec):
-            if name not in values:
-                raise ConfigError(_join(key, name), "required")
+            if name not in values and name not in failed:
+                ctx.errors.append(ConfigError(_join(key, name), "required"))
+                failed.add(name)
+        if failed:
+            raise _SectionFailed
         with _foreign_errors_as(key):
             built = spec.cls(**values)
             return spec.check(built, key) if spec.check is not None else built
@@ -736,10 +756,57 @@ _AGENT = _Section(AgentConfig, {
 def config_from_mapping(data: Mapping[str, Any], *, source: Path | None = None) -> AgentConfig:
     """Validate already-parsed settings. Relative paths are taken from the directory of
     `source` when given, else from the current directory."""
+    return _validated(data, source=source, lines={})
+
+
+def _validated(data: Mapping[str, Any], *, source: Path | None,
+               lines: Mapping[str, int]) -> AgentConfig:
     base_dir = source.parent if source is not None else Path.cwd()
-    config = _section(_AGENT)(data, "", _Context(base_dir=base_dir))
+    ctx = _Context(base_dir=base_dir)
+    try:
+        config = _section(_AGENT)(data, "", ctx)
+    except ConfigError as exc:  # a rule across sections, or the top level itself
+        ctx.errors.append(exc)
+    except _SectionFailed:
+        pass
+    if ctx.errors:
+        found = [error.at_line(_line_of(error.key, lines)) for error in ctx.errors]
+        first = found[0]
+        raise ConfigError(first.key, first.message, line=first.line, errors=found)
     assert isinstance(config, AgentConfig)
     return dataclasses.replace(config, source=source) if source is not None else config
+
+
+def _line_of(key: str, lines: Mapping[str, int]) -> int | None:
+    """The line of `key`, or of the nearest section around it (a required key that is
+    missing is named where its section starts)."""
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key.rpartition(".")[0] if "[" not in key.rpartition(".")[2] else (
+            key.rpartition("[")[0])
+    return None
+
+
+def _key_lines(root: yaml.Node) -> dict[str, int]:
+    """Dotted key paths (sinks[0].format) to the 1-based line that names them. A loop,
+    not recursion: the document may be nested deeper than Python's stack."""
+    found: dict[str, int] = {}
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    while pending:
+        node, prefix = pending.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    path = _join(prefix, str(key_node.value))
+                    found.setdefault(path, key_node.start_mark.line + 1)
+                    pending.append((value_node, path))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                path = f"{prefix}[{index}]"
+                found.setdefault(path, item.start_mark.line + 1)
+                pending.append((item, path))
+    return found
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -790,7 +857,13 @@ def load_config(path: Path, *, environ: Mapping[str, str] = os.environ) -> Agent
         raise ConfigError(str(source), f"cannot read the config file "
                                        f"({exc.strerror or exc})") from None
     try:
-        data = yaml.load(raw, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+        # As yaml.load does it, keeping the node tree for the line of each key.
+        loader = _StrictLoader(raw)  # a SafeLoader: no arbitrary objects
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(str(source), f"is not valid YAML: {_yaml_problem(exc)}") from None
     except (ValueError, OverflowError, RecursionError, AttributeError, TypeError) as exc:
@@ -803,7 +876,8 @@ def load_config(path: Path, *, environ: Mapping[str, str] = os.environ) -> Agent
     if not isinstance(data, Mapping):
         raise ConfigError(str(source), f"must be a mapping of sections (provider:, "
                                        f"device:, ...), got {_kind(data)}")
-    config = config_from_mapping(data, source=source)
+    config = _validated(data, source=source,
+                        lines=_key_lines(node) if node is not None else {})
     _warn_exposed_secret(data, source)
     return config
 

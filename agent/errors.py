@@ -32,6 +32,8 @@ No message ever carries a token, a device code or a secret.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "OAUTH_ERRORS",
     "AccessDenied",
@@ -76,10 +78,24 @@ class AgentError(Exception):
 
 
 class ConfigError(AgentError):
-    def __init__(self, key: str, message: str) -> None:
+    """A problem with the value at `key` (a dotted path), on `line` of the file when
+    known. A file with several problems raises the first, with all of them in
+    `errors`, so a person fixes them in one go."""
+
+    def __init__(self, key: str, message: str, *, line: int | None = None,
+                 errors: Sequence[ConfigError] = ()) -> None:
         self.key = key
         self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
+        self.line = line
+        self.errors: tuple[ConfigError, ...] = tuple(errors) or (self,)
+        where = f"{key} (line {line})" if key and line is not None else key
+        text = f"{where}: {message}" if where else message
+        if len(self.errors) > 1:
+            text += f" (and {len(self.errors) - 1} more: check-config lists them)"
+        super().__init__(text)
+
+    def at_line(self, line: int | None) -> ConfigError:
+        return ConfigError(self.key, self.message, line=line)
 
 
 class StoreError(AgentError):

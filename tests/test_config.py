@@ -673,3 +673,38 @@ def test_a_config_the_agent_may_not_read_is_read_from_the_copy_systemd_passes(
     else:
         assert "Permission denied" in answer["error"]
         assert f"LoadCredential=config.yaml:{original}" in answer["error"]
+
+
+# -- issue 10 item 10: every error at once, with its line ---------------------------------
+
+def test_every_error_is_reported_at_once_with_its_key_and_line(tmp_path: Path) -> None:
+    text = (f"provider:\n"
+            f"  issuer: {ISSUER}\n"
+            f"  client_id: c\n"
+            f"  timeout: soon\n"             # line 4
+            f"device:\n"
+            f"  nmae: Kitchen\n"             # line 6
+            f"refresh:\n"
+            f"  margin_ratio: 7\n"           # line 8
+            f"sinks:\n"
+            f"  - path: /run/t\n"
+            f"    format: xml\n")            # line 11
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path / "c.yaml", text))
+    problems = [(e.key, e.line) for e in caught.value.errors]
+    assert problems == [("provider.timeout", 4), ("device.nmae", 6),
+                        ("refresh.margin_ratio", 8), ("sinks[0].format", 11)]
+    assert "did you mean 'name'" in caught.value.errors[1].message
+    # One line each, as `check-config` prints them.
+    assert str(caught.value.errors[0]).startswith("provider.timeout (line 4): ")
+
+
+def test_a_required_key_that_is_missing_is_reported_beside_the_others(tmp_path: Path) -> None:
+    text = f"provider:\n  issuer: {ISSUER}\ndevice:\n  name: [1, 2]\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path / "c.yaml", text))
+    keys = [e.key for e in caught.value.errors]
+    assert keys == ["device.name", "provider.client_id"] or keys == [
+        "provider.client_id", "device.name"]
+    # The section that lacks a key is named where it starts.
+    assert {e.key: e.line for e in caught.value.errors}["provider.client_id"] == 1
