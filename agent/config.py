@@ -883,12 +883,27 @@ def load_config(path: Path, *, environ: Mapping[str, str] = os.environ) -> Agent
 
 
 def _service_copy(environ: Mapping[str, str], denied: PermissionError, source: Path) -> bytes:
+    """systemd's copy, when it is a copy of this file: a drop-in that points --config
+    elsewhere and leaves LoadCredential= alone must not run on the other file's
+    settings. The file's size can be had without reading it."""
     directory = environ.get("CREDENTIALS_DIRECTORY")
     if directory:
+        copy = Path(directory) / SERVICE_COPY
         try:
-            return (Path(directory) / SERVICE_COPY).read_bytes()
+            data = copy.read_bytes()
+            same_size = len(data) == source.stat().st_size
         except OSError:
             pass
+        else:
+            if same_size:
+                logging.getLogger(__name__).info(
+                    "read %s through systemd's copy of it (LoadCredential=)", source)
+                return data
+            raise ConfigError(str(source), f"cannot read the config file "
+                                           f"({denied.strerror}), and systemd's copy "
+                                           f"({copy}) is of another file: make "
+                                           f"LoadCredential={SERVICE_COPY}: name {source}"
+                              ) from None
     raise ConfigError(str(source), f"cannot read the config file ({denied.strerror}); "
                                    "under systemd the unit passes it with "
                                    f"LoadCredential={SERVICE_COPY}:{source}") from None

@@ -111,3 +111,39 @@ def test_a_token_the_provider_echoes_in_its_error_goes_no_further() -> None:
     rejected = receive_refresh(answer(400, {"error": token}), previous=PREVIOUS,
                                now_wall=0.0)
     assert isinstance(rejected, Rejected) and token[:16] not in str(rejected.error)
+
+
+def test_secrets_sent_and_punctuated_tokens_are_redacted_and_error_codes_kept() -> None:
+    # A device code as authentik makes it: letters, digits and punctuation, which no
+    # run of token characters covers; the poll knows it sent it.
+    device_code = 'a+b/c=d%e&f#g?h\\i"j\'k' * 3
+    poll_ = DevicePoll(DeviceAuthorization(
+        device_code=device_code, user_code="123456789",
+        verification_uri="https://idp/device", verification_uri_complete=None,
+        expires_in=600, interval=5, issued_at=100.0),
+        client=Client(client_id="c", client_secret="s3cr3t-of-the-client!"),
+        token_endpoint="https://idp/token")
+    polled = poll_.receive(answer(400, {
+        "error": "invalid_request",
+        "error_description": f"unknown device_code {device_code} for s3cr3t-of-the-client!"}),
+        now=105.0, now_wall=0.0)
+    assert isinstance(polled, Rejected)
+    text = str(polled.error)
+    assert device_code[:8] not in text and "s3cr3t" not in text
+    # Standard base64 (with "/"), and a form-encoded echo of the refresh token.
+    b64 = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY/1234+abcd=="
+    previous = TokenSet(access_token="A1", token_type="Bearer", issued_at=0.0,
+                        expires_at=3600.0, refresh_token="r/t+with=punct&more-12345")
+    refused = receive_refresh(answer(400, {
+        "error": "invalid_grant",
+        "error_description": f"bad {b64}; sent r%2Ft%2Bwith%3Dpunct%26more-12345"}),
+        previous=previous, now_wall=0.0)
+    assert isinstance(refused, RefreshRejected)
+    assert b64[:12] not in str(refused.error) and "punct" not in str(refused.error)
+    # Registered codes of 24 and more characters, and a trace id, are kept.
+    for code in ("insufficient_user_authentication", "account_selection_required"):
+        kept = receive_refresh(answer(400, {
+            "error": code, "error_description": "Trace ID: 0f8fad5b-d9cb-469f-a165-70867728950e"}),
+            previous=PREVIOUS, now_wall=0.0)
+        assert isinstance(kept, Rejected) and kept.error.code == code
+        assert "0f8fad5b-d9cb-469f-a165-70867728950e" in str(kept.error)

@@ -670,6 +670,17 @@ def test_a_config_the_agent_may_not_read_is_read_from_the_copy_systemd_passes(
     if passed:
         # Paths still count from the file's own directory, not the copy's.
         assert answer == {"client_id": "root-only", "storage": str(etc / "state/c.json")}
+        # A copy of another file (a drop-in changed --config, not LoadCredential=) is
+        # not read in its place.
+        other = write(etc / "site.yaml", text.replace("root-only", "the-site-config"))
+        other.chmod(0o600)
+        os.chown(other, 4000, 4000)
+        done = subprocess.run([SETPRIV, "--bounding-set=-all", "--inh-caps=-all",
+                               sys.executable, "-c", LOAD_AS_SERVICE, str(other)],
+                              env=env, capture_output=True, text=True, timeout=30,
+                              check=True)
+        refused = json.loads(done.stdout)["error"]
+        assert "is of another file" in refused and f"name {other}" in refused
     else:
         assert "Permission denied" in answer["error"]
         assert f"LoadCredential=config.yaml:{original}" in answer["error"]

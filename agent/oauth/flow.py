@@ -250,7 +250,8 @@ class DevicePoll:
         )
 
     def receive(self, response: HttpResponse, *, now: float, now_wall: float) -> PollEvent:
-        answer = classify(response, now_wall=now_wall, client_authenticated=True)
+        answer = classify(response, now_wall=now_wall, client_authenticated=True,
+                          sent=(self.authorization.device_code, self._client.client_secret))
         hint = answer.retry_after
         match answer.verdict:
             case Verdict.OK:

@@ -67,7 +67,8 @@ def receive_refresh(response: HttpResponse, *, previous: TokenSet, now_wall: flo
     - server_error, temporarily_unavailable, 5xx, 429, malformed: try again later.
     - any other error: the provider refuses our client; a new sign-in would not help.
     """
-    answer = classify(response, now_wall=now_wall, client_authenticated=True)
+    answer = classify(response, now_wall=now_wall, client_authenticated=True,
+                      sent=(previous.refresh_token, previous.access_token))
     hint = answer.retry_after
     if answer.verdict is Verdict.OK:
         try:

@@ -9,7 +9,8 @@ import email.utils
 import json
 import math
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -117,7 +118,8 @@ class Classified:
 
 
 def classify(response: HttpResponse, *, now_wall: float | None = None,
-             client_authenticated: bool = False) -> Classified:
+             client_authenticated: bool = False, sent: Iterable[str | None] = ()
+             ) -> Classified:
     """One reading of an HTTP answer for every endpoint, status first.
 
     - Any 5xx is trouble whatever its body: Keycloak answers 500 with
@@ -128,6 +130,8 @@ def classify(response: HttpResponse, *, now_wall: float | None = None,
     - A 401 where the client authenticates (the token and revocation endpoints) is
       `invalid_client` (RFC 6749 §5.2, RFC 7009 §2.2.1).
     - Any other 4xx is its error code, or an error without one (`error` None).
+
+    `sent` are the secrets the request carried: the error text never holds them.
     """
     hint = retry_after(response, now_wall=now_wall)
     status = response.status
@@ -135,7 +139,7 @@ def classify(response: HttpResponse, *, now_wall: float | None = None,
         return Classified(verdict=Verdict.TROUBLE, retry_after=hint, reason=f"HTTP {status}")
     if status == 429:
         return Classified(verdict=Verdict.THROTTLE, retry_after=hint, reason="HTTP 429")
-    error = parse_error(response)
+    error = parse_error(response, sent=sent)
     if 200 <= status < 300:
         if error is None:
             return Classified(verdict=Verdict.OK)
@@ -147,8 +151,10 @@ def classify(response: HttpResponse, *, now_wall: float | None = None,
     return Classified(verdict=Verdict.ERROR, error=error, retry_after=hint, reason=reason)
 
 
-def parse_error(response: HttpResponse) -> OAuthError | None:
-    """The RFC 6749 §5.2 error in a 4xx answer, or None when it carries none."""
+def parse_error(response: HttpResponse, *, sent: Iterable[str | None] = ()
+                ) -> OAuthError | None:
+    """The RFC 6749 §5.2 error in a 4xx answer, or None when it carries none. A secret
+    of the request (`sent`), or anything token-shaped, is redacted from its text."""
     try:
         body = parse_json_object(response)
     except MalformedResponse:
@@ -160,17 +166,41 @@ def parse_error(response: HttpResponse) -> OAuthError | None:
     if not isinstance(description, str):
         description = None
     else:
-        description = _TOKEN_SHAPED.sub("[redacted]", description)
+        description = _redacted(description, sent)
         if len(description) > _MAX_DESCRIPTION:
             description = description[:_MAX_DESCRIPTION] + "…"
-    return oauth_error(_TOKEN_SHAPED.sub("[redacted]", code), description,
-                       status=response.status)
+    return oauth_error(_redacted(code, sent), description, status=response.status)
 
 
 # Some providers echo the token they were sent ("Invalid refresh token: <value>", as
 # spring-security-oauth2 does), and the text goes on to the log, the status and the
-# screen. Words of prose are shorter than this; tokens, JWTs and device codes are not.
-_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_.~+=-]{24,}")
+# screen. A run this long that mixes letters and digits is taken for a token (words
+# and registered error codes such as insufficient_user_authentication have no
+# digits); a UUID, a provider's trace id, is kept for whoever asks its support.
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=%-]{24,}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+_DIGIT, _LETTER = re.compile(r"[0-9]"), re.compile(r"[A-Za-z]")
+
+
+# Shorter "secrets" (a test's device code "d") would cut words apart; real ones are long.
+_MIN_SECRET = 8
+
+
+def _redacted(text: str, sent: Iterable[str | None]) -> str:
+    for secret in sorted({s for s in sent if s and len(s) >= _MIN_SECRET}, key=len,
+                         reverse=True):
+        # As sent (a form body is URL-encoded) and as itself.
+        for form in {secret, urllib.parse.quote(secret, safe=""),
+                     urllib.parse.quote_plus(secret)}:
+            text = text.replace(form, "[redacted]")
+
+    def run(match: re.Match[str]) -> str:
+        found = match.group()
+        if _UUID.fullmatch(found) or not (_DIGIT.search(found) and _LETTER.search(found)):
+            return found
+        return "[redacted]"
+
+    return _TOKEN_RUN.sub(run, text)
 
 
 def retry_after(response: HttpResponse, *, now_wall: float | None = None) -> float | None:
