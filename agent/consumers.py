@@ -66,9 +66,10 @@ class Consumers:
             self._writer = asyncio.get_running_loop().create_task(self._write_files())
 
     def _secrets(self, creds: Credentials | None) -> list[str]:
-        """Every token the agent holds, and the client secret, to be redacted from
-        whatever a hook prints (it may print the config or the credential file)."""
-        found = [self._driver.settings.client.client_secret]
+        """Every token the agent holds, the device code being polled and the client
+        secret, to be redacted from whatever a hook prints (it may print the config,
+        the credential file or session.json, in any form)."""
+        found = [self._driver.settings.client.client_secret, self._driver.session.device_code]
         if creds is not None:
             tokens = creds.tokens
             found += [tokens.access_token, tokens.refresh_token, tokens.id_token]

@@ -84,7 +84,7 @@ _SECRET_NAME = (r"[A-Za-z0-9_-]*"
 _QUOTED = r""""(?!\[redacted)(?:[^"\\]|\\.)*(?:"|$)|'(?!\[redacted)[^']*(?:'|$)"""
 _SECRET_FIELD = re.compile(
     rf'(?i)(?P<json>"{_SECRET_NAME}"\s*:\s*)(?:{_QUOTED})'
-    rf"|(?P<bare>\b{_SECRET_NAME}\b\s*[:=][ \t]*)(?:{_QUOTED}|(?!\[redacted)\S+)")
+    rf"|(?P<bare>\b{_SECRET_NAME}\b['\"]?\s*[:=][ \t]*)(?:{_QUOTED}|(?!\[redacted)[^\s&,;]+)")
 # What may be part of a token (RFC 6750 b64token, JWT dots): dropped from the end of kept
 # output that was cut, so no secret is shown in part, where no pattern would catch it.
 _TOKENISH_TAIL = re.compile(rb"[A-Za-z0-9+/=_~.-]+\Z")

@@ -235,6 +235,11 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if display is not None and not any(task.get_name() == "display" for task in tasks):
+            # Drawn on before the display task started (the clock wait, a fatal
+            # screen) and never closed by it. Closing twice does nothing.
+            with contextlib.suppress(Exception):
+                await display.close()
         if button is not None:
             button.close()
         if consumers is not None:

@@ -692,9 +692,18 @@ class Session:
         return (self.states[Region.TOKENS] == T.SAVING or self._refresh_after_discovery
                 or any(out.purpose == "refresh" for out in self._out.values()))
 
+    @property
+    def device_code(self) -> str | None:
+        """The device code being polled. A secret: whoever holds it collects the tokens
+        once the person approves. For redaction only."""
+        return self._poll.authorization.device_code if self._poll is not None else None
+
     def why_no_refresh(self, now: Instant) -> str | None:
         """Why a refresh asked for now does not start (the minimum gap or the back-off),
         or None when nothing holds it back."""
+        creds = self.credentials
+        if creds is not None and creds.tokens.refresh_token is None:
+            return "there is no refresh token (the provider issued none, or refused it)"
         gap = self._gap_left(now.mono)
         if gap > 0:
             return (f"refreshed {self._refresh_gap() - gap:.1f} s ago; the next refresh can "
@@ -703,6 +712,9 @@ class Session:
             assert self._refresh_retry_at is not None
             return (f"refresh failed: {self._refresh_error or 'the provider is not answering'}"
                     f"; next try in {self._refresh_retry_at - now.mono:.0f} s")
+        if self.states[Region.ENDPOINTS] != E.KNOWN and now.mono < self._discovery_retry_at:
+            return (f"the provider's metadata cannot be read ({self._refresh_error or '?'}); "
+                    f"next try in {self._discovery_retry_at - now.mono:.0f} s")
         return None
 
     def token_for(self, min_ttl: float, now: Instant, *, refreshed: bool = False
@@ -1511,17 +1523,19 @@ class Session:
                                                 self._rng))
                 self._refresh_retry_at = now.mono + delay
                 self._refresh_error = reason
+                if rotated is not None:
+                    # The provider rotated and then sent no access token: the refresh
+                    # token sent is dead, and the new one is all that keeps the sign-in.
+                    # Written before anything is logged, as every rotated token is.
+                    self._rewrite(replace(creds, tokens=replace(creds.tokens,
+                                                                refresh_token=rotated)))
                 state = (f"valid for {duration(left)}" if left is None or left > 0
                          else "expired")
                 self._log(logging.WARNING, f"refresh failed ({reason}); token {state}; "
                           f"retrying in {delay:.0f} s")
                 if rotated is not None:
-                    # The provider rotated and then sent no access token: the refresh
-                    # token sent is dead, and the new one is all that keeps the sign-in.
                     self._log(logging.WARNING, "the refresh answer carried a new refresh "
                               "token but no access token; keeping the new refresh token")
-                    self._rewrite(replace(creds, tokens=replace(creds.tokens,
-                                                                refresh_token=rotated)))
 
     # -- userinfo and revocation ---------------------------------------------------
 

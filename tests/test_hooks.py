@@ -354,3 +354,14 @@ async def test_a_named_secret_cut_by_the_output_limit_shows_no_prefix(
     text = "\n".join(_messages(caplog))
     assert "bytes not logged" in text
     assert CLIENT_SECRET[:4] not in text
+
+
+def test_secret_fields_in_any_form_are_redacted_and_their_neighbours_kept() -> None:
+    from agent.hooks import redact
+
+    code = "Zq9!x/y+z=w&v#u?t"
+    # A Python dict's repr, as a hook written in Python prints session.json.
+    assert code[:6] not in redact(str({"pending_code": {"device_code": code}}), [])
+    # A form body: the secret goes, the fields after it stay.
+    shown = redact("client_secret=abc123xyz&client_id=device-agent&scope=openid", [])
+    assert "abc123xyz" not in shown and "client_id=device-agent&scope=openid" in shown

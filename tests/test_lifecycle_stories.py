@@ -945,3 +945,14 @@ async def test_a_refresh_held_back_by_the_gap_says_so(
         await run.driver.refresh()
     assert "the next refresh can start in" in str(refused.value)
     assert "not answered in time" not in str(refused.value)
+
+
+async def test_a_refresh_without_a_refresh_token_says_so(
+        start_driver: StartDriver, provider: IdentityProvider) -> None:
+    run = await start_driver(scopes=("openid", "profile"))  # no offline_access
+    await sign_in(run, provider)
+    assert run.driver.credentials is not None
+    assert run.driver.credentials.tokens.refresh_token is None
+    with pytest.raises(ProviderUnavailable) as refused:
+        await run.driver.refresh()
+    assert "there is no refresh token" in str(refused.value)

@@ -209,3 +209,20 @@ async def test_a_plausible_clock_is_not_waited_for(tmp_path: Path,
     assert clock_is_set(EARLIEST_PLAUSIBLE_TIME)
     assert not clock_is_set(EARLIEST_PLAUSIBLE_TIME - 1)
     assert not clock_is_set(0.0)
+
+
+async def test_a_stop_while_waiting_for_the_clock_closes_the_display(
+        provider: IdentityProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.clock
+
+    monkeypatch.setattr(agent.clock, "TIMESYNC_SYNCHRONIZED", tmp_path / "absent")
+    clock = ManualClock(wall=86_400.0)
+    display = RecordingDisplay(clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(_config(tmp_path, provider.issuer), shutdown=stop.wait(),
+                                     clock=clock, display=display))
+    await clock.run_until(lambda: display.kinds() == ["clock_not_set"])
+    stop.set()
+    await clock.run_until(task.done)
+    await task
+    assert display.closed
