@@ -6,6 +6,10 @@ stderr really goes there, rather than being redirected to a file or a terminal. 
 does, each line starts with a ``<N>`` syslog priority (sd-daemon(3)), which journald
 strips and stores as PRIORITY=, and carries no timestamp, since journald adds its own.
 Anywhere else, lines carry a timestamp, the level and the logger name.
+
+A terminal may also hold the console display's live block (a code and its countdown,
+redrawn in place). A log line meant for that terminal is printed above the block, with
+the block lifted off and drawn again below it: see `LiveArea`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import TextIO
+import weakref
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol, TextIO
 
-__all__ = ["LEVELS", "fingerprint", "setup_logging"]
+__all__ = ["LEVELS", "LiveArea", "attach_live_area", "detach_live_area", "fingerprint",
+           "setup_logging"]
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -84,7 +91,50 @@ def _writes_to_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
     return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
 
 
-class _StderrHandler(logging.StreamHandler[TextIO]):
+class LiveArea(Protocol):
+    """Lines a display keeps redrawing at the bottom of a terminal."""
+
+    def lifted(self, stream: TextIO) -> AbstractContextManager[None]:
+        """While this is entered, `stream` may be written to as if the area were not
+        there: when `stream` reaches the area's terminal, the area is cleared on entry and
+        drawn again below what was written on exit. It must not raise, nor log."""
+        ...
+
+
+def _no_area() -> LiveArea | None:
+    return None
+
+
+# Weak, so a display dropped without being closed stops taking part in logging.
+_live_area: Callable[[], LiveArea | None] = _no_area
+
+
+def attach_live_area(area: LiveArea) -> None:
+    """Log lines written from now on go through `area` (one area at a time: the newest)."""
+    global _live_area
+    _live_area = weakref.ref(area)
+
+
+def detach_live_area(area: LiveArea) -> None:
+    """Undo `attach_live_area`, unless another area has been attached since."""
+    global _live_area
+    if _live_area() is area:
+        _live_area = _no_area
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """A stream handler around which the console's live block steps aside."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        area = _live_area()
+        if area is None:
+            super().emit(record)
+            return
+        with area.lifted(self.stream):
+            super().emit(record)
+
+
+class _StderrHandler(_Handler):
     """Writes to whatever `sys.stderr` is when a record is emitted: test harnesses and
     embedding programs swap it, and a handler holding a replaced, closed stream would
     turn every log line into an error."""
@@ -117,7 +167,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None,
     out = sys.stderr if stream is None else stream
     env = os.environ if environ is None else environ
 
-    handler = logging.StreamHandler(out) if stream is not None else _StderrHandler()
+    handler = _Handler(out) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     if _writes_to_journal(out, env):
         handler.setFormatter(_JournalFormatter("%(message)s"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -13,7 +15,7 @@ from typing import TextIO
 
 import pytest
 
-from agent.logs import fingerprint, setup_logging
+from agent.logs import attach_live_area, detach_live_area, fingerprint, setup_logging
 
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 
@@ -177,3 +179,53 @@ def test_a_name_with_a_line_break_cannot_forge_a_log_line(stream: TextIO,
     logging.getLogger("agent.session").info("device %s", name)
     (line,) = _lines(stream)
     assert "\\x0a" in line and "\\x0d" in line and "\\x1b" in line
+
+
+class RecordingArea:
+    """A live area that notes when it is lifted, and for which stream."""
+
+    def __init__(self) -> None:
+        self.lifts: list[TextIO] = []
+
+    @contextlib.contextmanager
+    def lifted(self, stream: TextIO) -> Iterator[None]:
+        self.lifts.append(stream)
+        yield
+
+
+def test_log_lines_go_through_the_live_area_while_it_is_attached(stream: TextIO) -> None:
+    setup_logging("info", stream=stream, environ={})
+    area = RecordingArea()
+    attach_live_area(area)
+    try:
+        logging.getLogger("agent.session").info("signed in")
+    finally:
+        detach_live_area(area)
+    logging.getLogger("agent.session").info("stopping")
+    assert area.lifts == [stream]
+    assert [line.split(": ", 1)[1] for line in _lines(stream)] == ["signed in", "stopping"]
+
+
+def test_only_the_newest_live_area_takes_part(stream: TextIO) -> None:
+    setup_logging("info", stream=stream, environ={})
+    old, new = RecordingArea(), RecordingArea()
+    attach_live_area(old)
+    attach_live_area(new)
+    detach_live_area(old)  # too late to detach what was replaced: changes nothing
+    try:
+        logging.getLogger("agent").info("x")
+    finally:
+        detach_live_area(new)
+    assert (old.lifts, new.lifts) == ([], [stream])
+
+
+def test_a_live_area_dropped_without_detaching_takes_no_part(stream: TextIO) -> None:
+    setup_logging("info", stream=stream, environ={})
+    area = RecordingArea()
+    lifts = area.lifts
+    attach_live_area(area)
+    del area
+    gc.collect()
+    logging.getLogger("agent").info("x")
+    assert lifts == []
+    assert len(_lines(stream)) == 1
