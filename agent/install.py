@@ -81,21 +81,56 @@ _EX_NOPERM: Final = 77
 # What may stand unquoted in ExecStart=: anything else would need systemd's quoting
 # and escaping ("%" starts a specifier, "$" a variable), which a path should not need.
 _PLAIN_PATH: Final = re.compile(r"/[A-Za-z0-9._+@/-]+")
-# ProtectHome=yes hides these from the service, so a program installed there never runs.
-_HIDDEN_BY_PROTECT_HOME: Final = ("/home/", "/root/", "/run/user/")
+# What the unit's sandbox hides or empties: a program, or the Python it runs on, that
+# lives there never starts.
+_HIDDEN_FROM_THE_UNIT: Final = (
+    ("/home/", "ProtectHome=yes hides it from the service"),
+    ("/root/", "ProtectHome=yes hides it from the service"),
+    ("/run/user/", "ProtectHome=yes hides it from the service"),
+    ("/tmp/", "PrivateTmp=yes gives the service an empty /tmp of its own"),
+    ("/var/tmp/", "PrivateTmp=yes gives the service an empty /var/tmp of its own"),
+)
+# pip writes this in place of a shebang line too long for the kernel.
+_LONG_SHEBANG: Final = re.compile(r"""^'''exec' "?([^" ]+)""")
 
 Runner = Callable[[Sequence[str]], int]
 """Runs a command (an argv list, no shell) and returns its exit status."""
 
 
 def run_command(argv: Sequence[str]) -> int:
-    """The real runner: the command's own output goes straight to the terminal."""
+    """The real runner. The command's output is passed on once it has finished: given
+    our stdout, a command writing into a pipe whose reader has gone (`| head -1`) would
+    die of SIGPIPE halfway through its work, and the install with it."""
     try:
-        return subprocess.run(list(argv), check=False).returncode
+        done = subprocess.run(list(argv), check=False, capture_output=True)
     except FileNotFoundError:
         return 127  # what a shell reports for a missing command
     except OSError:
         return 126
+    for stream, data in ((sys.stdout, done.stdout), (sys.stderr, done.stderr)):
+        if data:
+            write_safely(stream, data.decode(errors="replace"))
+    return done.returncode
+
+
+def write_safely(stream: TextIO, text: str) -> None:
+    """Write and flush at once. A reader that has gone must not stop an install
+    halfway, nor end it in a traceback: the rest of the output goes to /dev/null, and
+    the work goes on."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            # What is still buffered is flushed at exit: into /dev/null, not the pipe.
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 class _Abort(Exception):
@@ -176,7 +211,8 @@ class _Session:
         return self.root / absolute.relative_to("/")
 
     def say(self, text: str) -> None:
-        print(text, file=self.out)
+        # Flushed line by line: a command's output comes after what led to it.
+        write_safely(self.out, text + "\n")
 
     def run(self, argv: Sequence[str], *, required: bool) -> bool:
         """Run a command on the live system; False when it failed."""
@@ -371,27 +407,53 @@ def _tighten_config(session: _Session, target: Path) -> None:
     session.changed = True
 
 
-def token_files_drop_in(sinks: Iterable[SinkConfig]) -> str | None:
-    """What the hardened unit lacks for these token files: the groups they are given to
+# Directories a token file must not open to the agent by sitting in them: the drop-in
+# would make all of it writable. /tmp and /var/tmp are the unit's own (PrivateTmp=).
+_TOO_WIDE: Final = frozenset(PurePosixPath(p) for p in (
+    "/", "/etc", "/usr", "/var", "/home", "/root", "/boot", "/run", "/srv", "/opt",
+    "/tmp", "/var/tmp"))
+
+
+def token_files_drop_in(directories: Iterable[PurePosixPath], groups: Iterable[str],
+                        ) -> tuple[str | None, list[str]]:
+    """What the hardened unit lacks for token files: the groups they are given to
     (joined, and fchown() allowed: @chown is in the unit's ~@privileged) and their
-    directories, when outside the two the unit makes writable. None: nothing."""
-    groups = sorted({sink.group for sink in sinks if sink.group is not None})
-    directories = sorted({str(sink.path.parent) for sink in sinks
-                          if not any(PurePosixPath(sink.path).is_relative_to(writable)
-                                     for writable in (_RUNTIME_DIR, _STATE_DIR))})
-    if not groups and not directories:
-        return None
+    directories, when outside the two the unit makes writable. Returns the drop-in
+    (None: nothing needed) and what could not go in it, said for a person."""
+    problems: list[str] = []
+    wanted: set[PurePosixPath] = set()
+    for directory in directories:
+        if any(directory.is_relative_to(own) for own in (_RUNTIME_DIR, _STATE_DIR)):
+            continue
+        if directory in _TOO_WIDE:
+            problems.append(f"a token file in {directory} would open all of it to the "
+                            f"agent: give the token files a directory of their own")
+        elif any(not ch.isprintable() for ch in str(directory)):
+            problems.append(f"the token-file directory {str(directory)!r} holds a control "
+                            f"character; not added")
+        else:
+            wanted.add(directory)
+    group_list = sorted(set(groups))
+    if not group_list and not wanted:
+        return None, problems
     lines = ["# Written by `device-agent install-service` from the sinks: of",
              f"# {CONFIG_PATH}; run it again after changing them.", "[Service]"]
-    if groups:
+    if group_list:
         lines += ["# Token files given to a group: the agent joins it and may fchown().",
-                  f"SupplementaryGroups={' '.join(groups)}", "SystemCallFilter=@chown"]
-    if directories:
+                  f"SupplementaryGroups={' '.join(group_list)}", "SystemCallFilter=@chown"]
+    if wanted:
         # "-": a directory not made yet must not keep the agent (and its sign-in code)
         # from starting; writing the file there then fails in the log, by name.
         lines += ["# Token files outside /run/device-agent and /var/lib/device-agent.",
-                  *(f"ReadWritePaths=-{d}" for d in directories)]
-    return "\n".join(lines) + "\n"
+                  *(f"ReadWritePaths={_unit_quoted('-' + str(d))}" for d in sorted(wanted))]
+    return "\n".join(lines) + "\n", problems
+
+
+def _unit_quoted(value: str) -> str:
+    """One word in a unit file, whatever it holds: quoted (a space would split it),
+    with backslash, quote and % escaped (% starts a specifier)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
 
 
 def _install_token_files_drop_in(session: _Session) -> bool:
@@ -412,34 +474,127 @@ def _install_token_files_drop_in(session: _Session) -> bool:
             session.say(f"warning: sinks: {sink.path} has owner: {sink.owner}; the hardened "
                         f"unit cannot give a file to another user (no CAP_CHOWN): use "
                         f"group: instead")
-    text = token_files_drop_in(config.sinks)
+    directories = [_as_seen_there(session, sink.path.parent) for sink in config.sinks]
+    text, problems = token_files_drop_in(
+        directories, (sink.group for sink in config.sinks if sink.group is not None))
+    for problem in problems:
+        session.say(f"warning: sinks: {problem}")
     if text is None:
         return (session.path(_TOKEN_FILES_DROP_IN).exists()
                 and session.remove(_TOKEN_FILES_DROP_IN))
     return session.write(_TOKEN_FILES_DROP_IN, text.encode(), mode=0o644)
 
 
-def _warn_about_program(session: _Session, program: Path) -> None:
-    shown = str(program)
-    if shown.startswith(_HIDDEN_BY_PROTECT_HOME):
-        session.say(f"warning: {shown} is under a home directory, which the service cannot "
-                    f"see (ProtectHome=yes); install device-agent into a venv under /opt "
-                    f"(`sudo python3 -m venv /opt/device-agent`, then its bin/pip) and run "
-                    f"that one's install-service")
-    if not session.path(PurePosixPath(shown)).exists():
-        session.say(f"warning: {session.path(PurePosixPath(shown))} does not exist; the "
+def _as_seen_there(session: _Session, path: Path) -> PurePosixPath:
+    """A path from the config read under --root, as the system in the image sees it:
+    a relative sink path was resolved against the image's /etc/device-agent."""
+    if session.root != Path("/") and path.is_relative_to(session.root):
+        return PurePosixPath("/") / path.relative_to(session.root)
+    return PurePosixPath(path)
+
+
+def _resolve_in(root: Path, path: PurePosixPath) -> PurePosixPath:
+    """`path` with its symlinks followed as the system under `root` sees them (an
+    absolute link points into `root`, not into this machine): realpath, for an image."""
+    pending = list(path.parts[1:])
+    resolved = PurePosixPath("/")
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        candidate = resolved / part
+        try:
+            target = PurePosixPath(os.readlink(root / candidate.relative_to("/")))
+        except OSError:  # not a link, or not there: taken as it is
+            resolved = candidate
+            continue
+        hops += 1
+        if hops > 40:  # a loop; the kernel gives up here too (ELOOP)
+            return candidate
+        if target.is_absolute():
+            resolved = PurePosixPath("/")
+            pending = list(target.parts[1:]) + pending
+        else:
+            pending = list(target.parts) + pending
+    return resolved
+
+
+def _interpreter_of(root: Path, program: PurePosixPath) -> PurePosixPath | None:
+    """The absolute interpreter named by `program`'s first line (a console script's
+    venv Python), or None."""
+    try:
+        with open(root / program.relative_to("/"), "rb") as script:
+            head = script.read(4096).decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    if not head or not head[0].startswith("#!"):
+        return None
+    words = head[0][2:].split()
+    named = words[0] if words else ""
+    if named == "/bin/sh" and len(head) > 1:
+        long_form = _LONG_SHEBANG.match(head[1])
+        if long_form is not None:
+            named = long_form.group(1)
+    return PurePosixPath(named) if named.startswith("/") else None
+
+
+def _hidden_from_the_unit(path: PurePosixPath) -> str | None:
+    shown = f"{path}/"
+    for prefix, reason in _HIDDEN_FROM_THE_UNIT:
+        if shown.startswith(prefix):
+            return f"{prefix.rstrip('/')}: {reason}"
+    return None
+
+
+def _warn_about_program(session: _Session, program: Path,
+                        interpreters: Sequence[Path] = ()) -> None:
+    """The program, the Python its first line names, and the Python running this
+    command, each with its symlinks followed: a venv under /opt made from a pyenv
+    Python in /root runs that Python, which the unit cannot see."""
+    named = PurePosixPath(program)
+    real = _resolve_in(session.root, named)
+    looked_at = [("device-agent", named, real)]
+    interpreter = _interpreter_of(session.root, real)
+    if interpreter is not None:
+        looked_at.append(("the Python it runs on", interpreter,
+                          _resolve_in(session.root, interpreter)))
+    for python in interpreters:
+        looked_at.append(("the Python running this command", PurePosixPath(python),
+                          _resolve_in(session.root, PurePosixPath(python))))
+    warned: set[PurePosixPath] = set()
+    for what, path, target in looked_at:
+        where = _hidden_from_the_unit(target)
+        if where is None or target in warned:
+            continue
+        warned.add(target)
+        via = f", reached through {path}" if path != target else ""
+        system = "the system's Python, not pyenv's" if ".pyenv" in target.parts else (
+            "the system's Python")
+        session.say(f"warning: {target} ({what}{via}) is under {where}, which then cannot "
+                    f"start. Make a venv under /opt from {system} (`sudo /usr/bin/python3 "
+                    f"-m venv /opt/device-agent`, then its bin/pip install), and run that "
+                    f"one's install-service")
+    if not session.path(named).exists():
+        session.say(f"warning: {session.path(named)} does not exist; the "
                     f"service cannot start until it does (--prefix names where "
                     f"device-agent is installed)")
 
 
 def install_service(*, root: Path, live: bool, dry_run: bool, program: Path,
-                    runner: Runner = run_command, out: TextIO | None = None) -> int:
+                    runner: Runner = run_command, out: TextIO | None = None,
+                    interpreters: Sequence[Path] = ()) -> int:
     """Install into `root`; `live` means `root` is the running system, where
-    systemd-sysusers and systemctl are run. Returns an exit status."""
+    systemd-sysusers and systemctl are run. `interpreters`: Pythons the program runs
+    on besides the one its first line names (the one running this command). Returns
+    an exit status."""
     session = _Session(root=root, live=live, dry_run=dry_run, runner=runner,
                        out=sys.stdout if out is None else out)
     try:
-        return _install(session, program)
+        return _install(session, program, interpreters)
     except _Abort as exc:
         session.say(f"device-agent: {exc}")
         return exc.status
@@ -451,13 +606,13 @@ def install_service(*, root: Path, live: bool, dry_run: bool, program: Path,
         return _EX_SOFTWARE
 
 
-def _install(session: _Session, program: Path) -> int:
+def _install(session: _Session, program: Path, interpreters: Sequence[Path]) -> int:
     say = session.say
     if not session.live:
         say(f"installing into {session.root}: systemd-sysusers and systemctl are left to "
             f"that system")
     service = render_service(packaged_file(SERVICE_UNIT).decode("utf-8"), str(program))
-    _warn_about_program(session, program)
+    _warn_about_program(session, program, interpreters)
     units_changed = session.write(_UNIT_DIR / SERVICE_UNIT, service.encode("utf-8"),
                                   mode=0o644)
     units_changed |= session.write(_UNIT_DIR / SOCKET_UNIT, packaged_file(SOCKET_UNIT),
@@ -588,8 +743,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *,
         except (ValueError, FileNotFoundError) as exc:
             print(f"device-agent: {exc}", file=sys.stderr)
             return _EX_USAGE
+        # Without --prefix the program is the one running now, on this Python.
+        interpreters = [Path(sys.executable)] if live and not args.prefix else []
         return install_service(root=root, live=live, dry_run=args.dry_run, program=program,
-                               runner=runner)
+                               runner=runner, interpreters=interpreters)
 
     def uninstall(args: argparse.Namespace) -> int:
         try:

@@ -483,7 +483,7 @@ def test_token_files_with_a_group_or_elsewhere_get_the_drop_in_they_need(
     text = (tmp_path / DROP_IN).read_text()
     settings = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert settings == ["[Service]", "SupplementaryGroups=uploader",
-                        "SystemCallFilter=@chown", "ReadWritePaths=-/srv/uploader"]
+                        "SystemCallFilter=@chown", 'ReadWritePaths="-/srv/uploader"']
     assert f"wrote {tmp_path / DROP_IN} (mode 0644)" in out
     # Again: nothing to change.
     assert f"unchanged {tmp_path / DROP_IN}" in _install(tmp_path)[1]
@@ -539,3 +539,169 @@ def test_the_units_proc_shows_what_board_detection_reads() -> None:
     if "Operation not permitted" in result.stderr:
         pytest.skip("unshare/mount needs CAP_SYS_ADMIN, which this machine does not give")
     assert result.returncode == 0, result.stderr
+
+
+# -- issue 10 item 13: piped output, and a program the unit cannot see ---------------
+
+def _reference_install(tmp_path: Path) -> dict[str, bytes]:
+    root = tmp_path / "reference"
+    root.mkdir()
+    assert _install(root)[0] == 0
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+def test_an_install_whose_reader_is_gone_is_done_in_full(tmp_path: Path,
+                                                          unbuffered: str) -> None:
+    from tests.test_service_process import _child_env
+
+    root = tmp_path / "image"
+    root.mkdir()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head -1` once it has its line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "install-service", "--root", str(root),
+             "--prefix", str(PROGRAM.parent.parent)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+            env=_child_env(PYTHONUNBUFFERED=unbuffered), check=False)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, (
+        done.stderr)
+    assert done.returncode == 0, done.stderr
+    installed = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                 if p.is_file()}
+    assert installed == _reference_install(tmp_path)
+
+
+def test_dry_run_into_head_gives_its_first_line_and_no_traceback(tmp_path: Path) -> None:
+    from tests.test_service_process import _child_env
+
+    command = shlex.join([sys.executable, "-m", "agent.cli", "install-service", "--dry-run",
+                          "--root", str(tmp_path), "--prefix", "/opt/device-agent"])
+    done = subprocess.run(["sh", "-c", f"{command} | head -1"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60, check=False,
+                          env=_child_env(PYTHONUNBUFFERED="1"))
+    assert done.stdout.startswith("installing into ") and done.stdout.count("\n") == 1
+    assert done.stderr == ""
+
+
+def test_a_command_run_while_the_reader_is_gone_is_not_killed_by_sigpipe() -> None:
+    # systemd-sysusers or systemctl writing into a closed pipe would die of SIGPIPE, and
+    # the install would stop halfway.
+    from tests.test_service_process import _child_env
+
+    code = ("import sys; from agent.install import run_command; "
+            "print(run_command(['sh', '-c', 'echo created; echo again']), file=sys.stderr)")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+                              env=_child_env(PYTHONUNBUFFERED="1"), check=False)
+    finally:
+        os.close(write_end)
+    assert done.stderr.strip().splitlines()[-1] == "0", done.stderr
+
+
+def _link(path: Path, target: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def _script(path: Path, shebang: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{shebang}\nimport sys\n")
+    path.chmod(0o755)
+
+
+def _executable(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize(("layout", "hidden"), [
+    # A venv under /opt whose python is pyenv's, in root's home.
+    ("pyenv", "/root/.pyenv/versions/3.11.9/bin/python3.11"),
+    # /usr/local/bin/device-agent, a link into a user's venv.
+    ("linked", "/home/pi/venv/bin/device-agent"),
+    # A venv made in /tmp: the unit has a private, empty /tmp.
+    ("tmp", "/tmp/venv/bin/python3"),
+    ("run-user", "/run/user/1000/venv/bin/python3"),
+])
+def test_a_program_or_interpreter_the_unit_cannot_see_is_flagged(
+        tmp_path: Path, layout: str, hidden: str) -> None:
+    program = Path("/opt/device-agent/bin/device-agent")
+    inside = tmp_path / program.relative_to("/")
+    if layout == "pyenv":
+        _script(inside, "/opt/device-agent/bin/python")
+        _link(inside.with_name("python"), "python3")
+        _link(inside.with_name("python3"), hidden)
+        _executable(tmp_path / hidden.lstrip("/"))
+    elif layout == "linked":
+        program = Path("/usr/local/bin/device-agent")
+        _link(tmp_path / program.relative_to("/"), hidden)
+        _script(tmp_path / hidden.lstrip("/"), "/home/pi/venv/bin/python")
+    else:
+        _script(inside, str(Path(hidden).with_name("python")))
+        _link(tmp_path / Path(hidden).with_name("python").relative_to("/"), "python3")
+        _executable(tmp_path / hidden.lstrip("/"))
+    status, out = _install(tmp_path, program=program)
+    assert status == 0
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert any(hidden in line for line in warnings), out
+    assert (tmp_path / SERVICE).exists()  # a warning, not a refusal
+
+
+def test_a_program_and_interpreter_the_unit_can_see_get_no_warning(tmp_path: Path) -> None:
+    inside = tmp_path / PROGRAM.relative_to("/")
+    _script(inside, "/opt/device-agent/bin/python")
+    _link(inside.with_name("python"), "/usr/bin/python3.11")
+    _executable(tmp_path / "usr/bin/python3.11")
+    status, out = _install(tmp_path)
+    assert status == 0
+    assert [line for line in out.splitlines() if line.startswith("warning:")] == []
+
+
+def test_the_python_running_the_command_is_checked_too(tmp_path: Path) -> None:
+    inside = tmp_path / PROGRAM.relative_to("/")
+    _script(inside, "/opt/device-agent/bin/python")
+    _link(inside.with_name("python"), "/usr/bin/python3.11")
+    _executable(tmp_path / "usr/bin/python3.11")
+    pyenv = tmp_path / "root/.pyenv/versions/3.11.9/bin/python3.11"
+    _executable(pyenv)
+    out = io.StringIO()
+    status = install_service(root=tmp_path, live=False, dry_run=False, program=PROGRAM,
+                             runner=Recorder(tmp_path), out=out,
+                             interpreters=[Path("/root/.pyenv/versions/3.11.9/bin/python3.11")])
+    assert status == 0
+    assert "warning: /root/.pyenv/versions/3.11.9/bin/python3.11" in out.getvalue()
+
+
+def test_token_file_directories_reach_the_drop_in_as_one_word_or_not_at_all(
+        tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    _config_with_sinks(tmp_path, [
+        {"path": "/srv/My Uploads/100%/token"},   # a space, a specifier
+        {"path": "/etc/token"},                   # would open all of /etc
+        {"path": "state/token"},                  # relative: /etc/device-agent/state
+    ])
+    status, out = _install(tmp_path, program=Path(sys.executable))
+    assert status == 0
+    text = (tmp_path / DROP_IN).read_text()
+    assert 'ReadWritePaths="-/srv/My Uploads/100%%"' in text
+    assert 'ReadWritePaths="-/etc/device-agent/state"' in text  # as the image sees it
+    assert str(tmp_path) not in text and '"-/etc"' not in text
+    assert "a token file in /etc would open all of it to the agent" in out
+    # systemd reads each as one absolute path.
+    units = tmp_path / "units"
+    (units / "device-agent.service.d").mkdir(parents=True)
+    shutil.copy(tmp_path / SERVICE, units / "device-agent.service")
+    shutil.copy(tmp_path / DROP_IN, units / "device-agent.service.d" / "token-files.conf")
+    result = subprocess.run([analyze, "verify", str(units / "device-agent.service")],
+                            capture_output=True, text=True, check=False, timeout=60,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert "token-files.conf" not in result.stdout + result.stderr, result.stderr
