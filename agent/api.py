@@ -178,20 +178,22 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         return {"expires_in": max(0, int(expires_at - wall_clock())),
                 "expires_at": rfc3339(expires_at)}
 
-    # A service that asks every second would fill the journal: each (process, token)
-    # pair is logged at info once, and at debug after that.
-    reported: collections.OrderedDict[tuple[int, int, str], None] = collections.OrderedDict()
+    # A script run every minute is a new process each time: keyed by process, it would
+    # write 1,440 lines a day. Each (user, token) pair is logged at info once, then at
+    # debug; /proc is read only for a line that is written.
+    reported: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
 
     def handed_out(caller: Caller, what: str, token: str) -> None:
         tag = fingerprint(token)
-        key = (caller.uid, caller.pid, tag)
+        key = (caller.uid, tag)
         level = logging.DEBUG if key in reported else logging.INFO
         reported[key] = None
         reported.move_to_end(key)
         if len(reported) > 256:
             reported.popitem(last=False)
-        log.log(level, "api: %s %s to uid %d pid %d (%s)", what, tag, caller.uid, caller.pid,
-                caller.executable)
+        if log.isEnabledFor(level):
+            log.log(level, "api: %s %s to uid %d pid %d (%s)", what, tag, caller.uid,
+                    caller.pid, caller.executable)
 
     def not_signed_in(message: str | None = None) -> web.Response:
         return _error(503, "not_signed_in", message or not_signed_in_reason(driver.snapshot))
@@ -239,7 +241,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
         return web.json_response(dict(creds.claims))
 
     async def get_status(request: web.Request, caller: Caller) -> web.StreamResponse:
-        return web.json_response(status_document(driver.snapshot))
+        return web.json_response(status_document(driver.snapshot, driver))
 
     async def get_events(request: web.Request, caller: Caller) -> web.StreamResponse:
         """Server-Sent Events: one `state` event per change, the current one first."""
@@ -253,7 +255,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
                 snapshot = driver.snapshot
                 if snapshot is not last:
                     last = snapshot
-                    data = json.dumps(status_document(snapshot))
+                    data = json.dumps(status_document(snapshot, driver))
                     await response.write(f"event: state\ndata: {data}\n\n".encode())
                 change = asyncio.ensure_future(driver.wait_for_change(last))
                 stop = asyncio.ensure_future(closing.wait())
@@ -293,15 +295,21 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
             return not_signed_in(str(exc))
         except AgentError as exc:
             return _error(502, "provider_unavailable", str(exc))
-        return web.json_response(status_document(driver.snapshot))
+        return web.json_response(status_document(driver.snapshot, driver))
 
     async def post_logout(request: web.Request, caller: Caller) -> web.StreamResponse:
         log.info("api: sign-out requested by uid %d (%s)", caller.uid, caller.executable)
+        held = driver.credentials is not None
         try:
             problems = await driver.logout()
         except IllegalInput as exc:
             return _error(503, "stopping", str(exc))
-        return web.json_response({"signed_out": True, "problems": problems})
+        # The person signing out needs to know whether the tokens are dead at the
+        # provider too, or only gone from this device.
+        revocation = ("not_confirmed" if problems
+                      else "confirmed" if held else "nothing_to_revoke")
+        return web.json_response({"signed_out": True, "problems": problems,
+                                  "revocation": revocation})
 
     route("GET", "/v1/token", READ, get_token)
     route("GET", "/v1/id_token", READ, get_id_token)
@@ -323,7 +331,10 @@ def _valid(driver: Driver) -> bool:
     return left is None or left > 0
 
 
-def status_document(snapshot: Snapshot) -> dict[str, Any]:
+def status_document(snapshot: Snapshot, driver: Driver | None = None) -> dict[str, Any]:
+    """What the agent is doing; with `driver`, also what it is set up with (the
+    provider, the client, the scopes, its files) and whether it holds a refresh token.
+    Never a token or a code other than the user code on screen."""
     def when(value: float | None) -> str | None:
         return None if value is None else rfc3339(value)
 
@@ -344,7 +355,23 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             "verification_uri_complete": snapshot.verification_uri_complete,
             "expires_at": when(snapshot.code_expires_at),
         }
+    if driver is not None:
+        doc.update(_setup_fields(driver))
     return doc
+
+
+def _setup_fields(driver: Driver) -> dict[str, Any]:
+    settings = driver.settings
+    creds = driver.credentials
+    return {
+        "issuer": settings.issuer,
+        "client_id": settings.client.client_id,
+        "scopes_requested": list(settings.scopes),
+        # What the provider granted, which may differ from what was asked (RFC 6749 §3.3).
+        "scope": None if creds is None else creds.tokens.scope,
+        "has_refresh_token": creds is not None and creds.tokens.refresh_token is not None,
+        "files": {name: str(path) for name, path in driver.files.items()},
+    }
 
 
 @web.middleware
@@ -378,6 +405,8 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._restore_accept_errors: Callable[[], None] | None = None
+        # (st_dev, st_ino) of the socket file this server bound; None until it has.
+        self._bound: tuple[int, int] | None = None
 
     async def start(self) -> None:
         # Event-stream clients never hang up by themselves: at shutdown they get half a
@@ -392,12 +421,21 @@ class ApiServer:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(str(self.path))
+                info = os.lstat(self.path)
+                self._bound = (info.st_dev, info.st_ino)
+                # At once: a socket bound but not listening refuses connections, and
+                # another agent starting now would take it for a stale one.
+                sock.listen(BACKLOG)
             except OSError:
                 sock.close()
+                self._remove_own_socket()
                 raise
         loop = asyncio.get_running_loop()
         self._restore_accept_errors = quiet_accept_errors(loop)
-        self._listener = await loop.create_unix_server(
+        # create_server, not create_unix_server: from Python 3.13 the latter unlinks
+        # the socket file on close, and an inherited socket's file is systemd's (the
+        # one this agent bound it removes itself, if it is still the one it bound).
+        self._listener = await loop.create_server(
             self._app[GUARD].protocol_factory(self._runner.server), sock=sock,
             backlog=BACKLOG)
         if self._inherited is None:
@@ -419,13 +457,26 @@ class ApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            if self._inherited is None:
-                # Ours to remove; an inherited socket belongs to systemd.
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
+        self._remove_own_socket()
         if self._restore_accept_errors is not None:
             self._restore_accept_errors()
             self._restore_accept_errors = None
+
+    def _remove_own_socket(self) -> None:
+        """Only a socket file this server bound, and only while it is still that file:
+        an agent that failed to start must not take the running agent's socket with it,
+        nor an agent whose socket was replaced remove its successor's. An inherited
+        socket belongs to systemd."""
+        bound, self._bound = self._bound, None
+        if bound is None:
+            return
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (info.st_dev, info.st_ino) == bound:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def _prepare_socket_path(path: Path) -> None:
@@ -438,13 +489,19 @@ def _prepare_socket_path(path: Path) -> None:
     if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
         raise AgentError(f"{parent} is writable by everyone; choose another api.socket")
     if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
+        found = path.lstat()
+        if not stat.S_ISSOCK(found.st_mode):
             raise AgentError(f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # left behind by an agent that died
+            # Left behind by an agent that died; unless another agent has just bound a
+            # new one in its place.
+            with contextlib.suppress(FileNotFoundError):
+                now = path.lstat()
+                if (now.st_dev, now.st_ino) == (found.st_dev, found.st_ino):
+                    path.unlink()
         else:
             raise AgentError(f"another agent is already listening on {path}")
         finally:

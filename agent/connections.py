@@ -53,6 +53,8 @@ class Caller:
 
     @property
     def executable(self) -> str:
+        # Read anew on every use, and so only for a log line that is written: a reader
+        # calling every minute must not cost a /proc read per call.
         try:
             return Path(f"/proc/{self.pid}/comm").read_text().strip()
         except OSError:

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.clock import Clock
@@ -137,6 +138,11 @@ class Driver:
         return await self.wait_for(lambda current: current is not since)
 
     # -- what local consumers call -----------------------------------------------
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Where this driver keeps its state, for a person reading `status`."""
+        return {"credentials": self._store.path, "session": self._session_file.path}
 
     async def get_token(self, min_ttl: float = 0.0) -> TokenSet:
         """A token that lives at least `min_ttl` more seconds, refreshing first when

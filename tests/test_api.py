@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -194,7 +195,8 @@ async def test_refresh_login_logout(api: Api, provider: IdentityProvider) -> Non
     assert after["access_token"] != before["access_token"]
 
     status, body, _ = await api.call("POST", "/v1/logout")
-    assert status == 200 and body == {"signed_out": True, "problems": []}
+    assert status == 200
+    assert body == {"signed_out": True, "problems": [], "revocation": "confirmed"}
     assert not provider.access_token_valid(after["access_token"])
     status, body, _ = await api.call("GET", "/v1/token")
     assert status == 503
@@ -363,3 +365,152 @@ async def test_socket_mode_and_stale_socket(running: Running, socket_dir: Path) 
     finally:
         await server.close()
     assert not path.exists()
+
+
+# -- issue 10 item 9: only the agent that bound the socket removes it -----------------
+
+async def test_a_second_server_on_a_live_socket_leaves_it_to_the_first(
+        running: Running, socket_dir: Path) -> None:
+    from agent.errors import AgentError
+
+    path = socket_dir / "agent.sock"
+    first = await serve_api(running, path)
+    bound = path.stat().st_ino
+    second = ApiServer(build_app(running.driver, AccessPolicy(), wall_clock=running.clock.time),
+                       path)
+    try:
+        with pytest.raises(AgentError, match="already listening"):
+            await second.start()
+        await second.close()  # what serve() does on its way out
+        assert path.stat().st_ino == bound
+        client = Api(running, path)
+        try:
+            status, _, _ = await client.call("GET", "/v1/status")
+        finally:
+            await client.session.close()
+        assert status == 200
+    finally:
+        await first.close()
+    assert not path.exists()
+
+
+async def test_a_socket_put_in_place_of_ours_is_not_removed(
+        running: Running, socket_dir: Path) -> None:
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+    path.unlink()  # deleted under us; another agent then binds the same path
+    newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        newcomer.bind(str(path))
+        newcomer.listen(1)
+        theirs = path.stat().st_ino
+        await server.close()
+        assert path.exists() and path.stat().st_ino == theirs
+    finally:
+        newcomer.close()
+
+
+# -- issue 10 item 12: a script that reads the token every minute ---------------------
+
+READER = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(f"{sys.argv[2]} {sys.argv[3]} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+             .encode())
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+print(data.split(b" ", 2)[1].decode())
+"""
+
+
+def read_in_a_new_process(path: Path, method: str, target: str) -> int:
+    done = subprocess.run([sys.executable, "-I", "-c", READER, str(path), method, target],
+                          capture_output=True, text=True, timeout=10, check=True)
+    return int(done.stdout.strip())
+
+
+async def test_token_reads_are_logged_once_per_user_and_token(
+        running: Running, provider: IdentityProvider, socket_dir: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="agent")
+    await running.until_phase(Phase.AWAITING_USER)
+    provider.approve()
+    await running.until_phase(Phase.SIGNED_IN)
+    looked_up: list[int] = []
+    comm = vars(Caller)["executable"]
+    assert isinstance(comm, property) and comm.fget is not None
+    read_proc = comm.fget
+
+    def counted(self: Caller) -> str:
+        looked_up.append(self.pid)
+        return str(read_proc(self))
+
+    monkeypatch.setattr(Caller, "executable", property(counted))
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+
+    async def read(times: int) -> None:
+        for _ in range(times):  # a new process each time, as a cron job or timer is
+            assert await asyncio.to_thread(read_in_a_new_process, path, "GET",
+                                           "/v1/token") == 200
+
+    def written() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "agent.api" and r.getMessage().startswith("api: token ")]
+
+    try:
+        await read(4)
+        assert len(written()) == 1, written()
+        assert f"uid {os.getuid()}" in written()[0]
+        assert len(looked_up) == 1  # /proc is read only for the line written
+        assert await asyncio.to_thread(read_in_a_new_process, path, "POST",
+                                       "/v1/refresh") == 200
+        await read(3)
+        assert len(written()) == 2, written()  # a new token: one more line
+        assert len(looked_up) == 2
+    finally:
+        await server.close()
+
+
+def _unlinking_as_python_3_13(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From Python 3.13, create_unix_server(sock=...) unlinks the socket's file on
+    close (cleanup_socket=True, CPython's unix_events.py); 3.11 and 3.12 do not, so the
+    newer behaviour is played around the real call."""
+    loop = asyncio.get_running_loop()
+    real = loop.create_unix_server
+
+    async def create_unix_server(factory: Any, path: Any = None, *, sock: Any = None,
+                                 **kwargs: Any) -> asyncio.Server:
+        server = await real(factory, path, sock=sock, **kwargs)
+        name = (sock or server.sockets[0]).getsockname()
+        close = server.close
+
+        def close_and_unlink() -> None:
+            close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+        server.close = close_and_unlink  # type: ignore[method-assign]
+        return server
+
+    monkeypatch.setattr(loop, "create_unix_server", create_unix_server)
+
+
+async def test_a_socket_from_systemd_keeps_its_file_when_the_agent_stops(
+        running: Running, socket_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _unlinking_as_python_3_13(monkeypatch)
+    path = socket_dir / "agent.sock"
+    systemds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    systemds.bind(str(path))
+    systemds.listen(16)
+    try:
+        passed = socket.socket(fileno=os.dup(systemds.fileno()))
+        server = ApiServer(build_app(running.driver, AccessPolicy()), path, sock=passed)
+        await server.start()
+        await server.close()
+        # Else the next start gets the descriptor but no client can reach it.
+        assert path.exists()
+    finally:
+        systemds.close()
