@@ -526,3 +526,23 @@ async def test_the_console_shows_screens_while_the_panel_is_missing() -> None:
     # The panel came back on the latest screen, the blank one, and then woke up.
     assert factory.made[0].calls == ["display", "hide", "display", "show"]
     await display.close()
+
+
+async def test_a_panel_back_leaves_the_consoles_block_no_longer_live() -> None:
+    # Else every later log line would draw the frozen code again below itself.
+    import agent.logs
+
+    clock = ManualClock()
+    factory = Factory()
+    factory.error = OSError(2, "No such file or directory")
+    console = ConsoleDisplay(io.StringIO(), tty=True, clock=clock)
+    display = PanelWithFallback(LumaDisplay(factory, clock=clock), console)
+    await display.start()
+    await display.show(code_screen())
+    assert agent.logs._live_area() is console
+    factory.error = None
+    await clock.run_until(lambda: display.panel.ready, real_timeout=2)
+    await display.show(text_screen("signed_in"))
+    assert not display.on_fallback
+    assert agent.logs._live_area() is None
+    await display.close()

@@ -185,6 +185,9 @@ class PanelWithFallback:
             if self._on_fallback:
                 log.info("the panel shows the screens again")
                 self._on_fallback = False
+                # The console's last block stays as it is, no longer live: later log
+                # lines must not redraw a code under each of them.
+                await self.fallback.start()
             return
         if screen.kind == "blank":
             return  # blanking spares an OLED; the console has nothing to spare
