@@ -32,12 +32,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import Final, TextIO
 
 from agent.fsutil import remove_durably, write_atomic
-
-if TYPE_CHECKING:
-    from agent.config import SinkConfig
 
 __all__ = [
     "CONFIG_PATH",
