@@ -4,6 +4,7 @@ kernel's SO_PEERCRED, the event stream, and what concurrent callers share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
