@@ -1,9 +1,12 @@
 """`device-agent`: the daemon, the demo, and the commands scripts use.
 
 Exit statuses follow sysexits(3), one per cause, so scripts can tell them apart:
-0 ok; 2 usage; 69 no agent listening (EX_UNAVAILABLE); 75 not signed in yet or the
-provider is unreachable, try again later (EX_TEMPFAIL); 77 not allowed (EX_NOPERM);
-78 configuration error (EX_CONFIG, which also stops systemd's restart loop).
+0 ok; 2 usage; 69 no agent listening (EX_UNAVAILABLE); 70 an internal error, or the
+agent cannot start for another reason, such as another agent on its socket
+(EX_SOFTWARE); 73 `render` cannot write its file (EX_CANTCREAT); 75 not signed in yet
+or the provider is unreachable, try again later (EX_TEMPFAIL); 77 not allowed
+(EX_NOPERM); 78 configuration error (EX_CONFIG, which also stops systemd's restart
+loop); 130 interrupted. README's table lists them with the commands that use each.
 """
 
 from __future__ import annotations
@@ -61,11 +64,14 @@ def _install_shutdown(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
 # -- run ------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
+    from agent.config import load_config, still_the_example
     from agent.logs import setup_logging
 
     try:
         config = load_config(_config_path(args.config))
+        placeholder = still_the_example(config)
+        if placeholder is not None:
+            raise ConfigError("provider.issuer", placeholder.removeprefix("provider.issuer "))
     except ConfigError as exc:
         setup_logging("info")
         log.error("configuration error: %s", exc)
@@ -102,20 +108,40 @@ def _run_service(config: AgentConfig, **serve_args: Any) -> int:
 # -- demo -----------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The agent against the built-in test identity provider on 127.0.0.1."""
+    """The agent against the built-in test identity provider, on 127.0.0.1 unless
+    --host says otherwise; a phone approves through --public-url or that host."""
     from agent.config import config_from_mapping, default_socket_path
     from agent.logs import setup_logging
 
     setup_logging("debug" if args.verbose else "info")
     try:
         from agent.idp import ProviderSettings, serve_provider
+        from agent.idp.demo import check_public_url, open_to_the_network, people_url
     except ImportError as exc:  # pragma: no cover - the idp ships with the package
         return _fail(f"the demo provider is unavailable: {exc}", EX_SOFTWARE)
+    public_url = None
+    if args.public_url is not None:
+        try:
+            public_url = check_public_url(args.public_url)
+        except ValueError as exc:
+            return _fail(str(exc), EX_USAGE)
 
     async def main() -> None:
         stop = _install_shutdown(asyncio.get_running_loop())
-        settings = ProviderSettings(code_lifetime=args.code_lifetime)
-        async with serve_provider(settings, host="127.0.0.1", port=args.port) as provider:
+        # A person types the code here by hand, so the demo forgives the spaces and
+        # dashes that authentik, and the tests' provider, refuse.
+        settings = ProviderSettings(code_lifetime=args.code_lifetime,
+                                    device_name=args.device_name, lenient_user_codes=True)
+        async with serve_provider(settings, host=args.host, port=args.port) as provider:
+            # The agent keeps provider.issuer; only what a person is shown moves.
+            shown, note = (public_url, None) if public_url else people_url(
+                args.host, provider.base_url)
+            settings.public_url = shown
+            if note:
+                log.info("%s", note)
+            if open_to_the_network(args.host):
+                log.warning("the demo provider is open to the network: anyone who reaches "
+                            "it can approve a code as a demo user")
             if args.approve_after is not None:
                 provider.auto_approve(args.approve_after, user="alice")
             with tempfile.TemporaryDirectory(prefix="device-agent-demo-") as state:
@@ -130,8 +156,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "storage": {"path": str(Path(state) / "credentials.json")},
                     "api": {"socket": str(args.socket or default_socket_path())},
                 })
-                log.info("demo identity provider at %s (approval page: %s/device)",
-                         provider.base_url, provider.base_url)
+                log.info("demo identity provider at %s; approval page: %s/device",
+                         provider.base_url, shown or provider.base_url)
                 from agent.service import serve
 
                 await serve(config, shutdown=stop.wait())
@@ -140,6 +166,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except AgentError as exc:
         return _fail(str(exc), EX_SOFTWARE)
+    except OSError as exc:
+        # Nearly always the bind: an address not on this machine, or a port in use.
+        return _fail(f"the demo cannot listen on {args.host} port {args.port}: {exc}",
+                     EX_CONFIG)
     return EX_OK
 
 
@@ -168,6 +198,8 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    """The exit status and the answer; on failure `error` (a stable code, the API's own
+    where it answered) and `message`."""
     from agent.client import (
         AgentNotAllowed,
         AgentUnavailable,
@@ -179,23 +211,34 @@ def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[
     try:
         path = _socket_path(args)
     except ConfigError as exc:
-        return EX_CONFIG, {"message": f"configuration error: {exc}"}
+        return EX_CONFIG, {"error": "config_error", "message": f"configuration error: {exc}"}
     try:
         check_socket(path)
         answer = call(path, method, target)
     except SocketUntrusted as exc:
-        return EX_NOPERM, {"message": str(exc)}
+        return EX_NOPERM, {"error": "socket_untrusted", "message": str(exc)}
     except AgentNotAllowed as exc:
-        return EX_NOPERM, {"message": str(exc)}
+        return EX_NOPERM, {"error": "forbidden", "message": str(exc)}
     except AgentUnavailable as exc:
-        return EX_UNAVAILABLE, {"message": f"{exc}; is device-agent running?"}
+        return EX_UNAVAILABLE, {"error": "agent_unavailable",
+                                "message": f"{exc}; is device-agent running?"}
     except OSError as exc:
-        return EX_UNAVAILABLE, {"message": f"cannot talk to the agent at {path}: {exc}"}
+        return EX_UNAVAILABLE, {"error": "agent_unavailable",
+                                "message": f"cannot talk to the agent at {path}: {exc}"}
     if answer.ok:
         return EX_OK, answer.body
     status = {403: EX_NOPERM, 503: EX_TEMPFAIL, 502: EX_TEMPFAIL, 409: EX_TEMPFAIL,
               400: EX_USAGE}.get(answer.status, EX_SOFTWARE)
     return status, {"message": answer.message, "error": answer.error}
+
+
+def _refuse(args: argparse.Namespace, body: dict[str, Any], status: int) -> int:
+    if getattr(args, "json", False):
+        # A script that asked for JSON parses stdout whatever happened.
+        print(json.dumps({"error": body.get("error", "failed"), "message": body["message"]},
+                         indent=2))
+        return status
+    return _fail(body["message"], status)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -204,7 +247,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         target += f"?min_ttl={args.min_ttl}"
     status, body = _api(args, "GET", target)
     if status != EX_OK:
-        return _fail(body["message"], status)
+        return _refuse(args, body, status)
     if args.json:
         print(json.dumps(body, indent=2))
     else:
@@ -212,26 +255,120 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# What each state means to a person reading `device-agent status`.
+_STATE_MEANING = {
+    "starting": "starting",
+    "no_network": "the provider cannot be reached; retrying",
+    "awaiting_user": "waiting for someone to enter the code",
+    "code_expired": "the code expired; waiting for the next one",
+    "throttled": "the provider asked to slow down; waiting",
+    "denied": "the sign-in was refused; waiting before a new code",
+    "needs_button": "press the button, or run `device-agent login`, to sign in",
+    "signed_in": "signed in",
+    "refresh_failing": "signed in, but refreshing the token fails",
+    "config_error": "the provider refuses this client's setup",
+    "stopping": "stopping",
+}
+
+
+def _epoch(rfc3339: str) -> float | None:
+    import calendar
+
+    try:
+        return float(calendar.timegm(time.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ")))
+    except (TypeError, ValueError):
+        return None
+
+
+def _span(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes = whole // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours < 48 else f"{hours // 24} days"
+
+
+def _local(rfc3339: str, now: float) -> str:
+    """An API time as a person on this device reads it: local, and how far off."""
+    when = _epoch(rfc3339)
+    if when is None:
+        return rfc3339
+    local = time.localtime(when)
+    shape = "%H:%M %Z" if local[:3] == time.localtime(now)[:3] else "%Y-%m-%d %H:%M %Z"
+    left = when - now
+    off = f"in {_span(left)}" if left >= 0 else f"{_span(-left)} ago"
+    return f"{time.strftime(shape, local)} ({off})"
+
+
+def _show_status(body: dict[str, Any], socket_path: Path) -> None:
+    from agent.display.screens import typing_hint
+
+    now = time.time()
+
+    def line(label: str, value: object) -> None:
+        print(f"{label + ':':<15}{value}")
+
+    def more(value: object) -> None:
+        print(f"{'':<15}{value}")
+
+    state = str(body.get("state"))
+    meaning = _STATE_MEANING.get(state)
+    line("state", f"{state} ({meaning})" if meaning else state)
+    code = body.get("code")
+    if body.get("user"):
+        line("user", f"{body['user']}" + (" (still signed in while the new code is shown)"
+                                         if code else ""))
+    if body.get("token_expires_at"):
+        line("expires", _local(body["token_expires_at"], now))
+    if "has_refresh_token" in body:
+        if body["has_refresh_token"]:
+            line("refresh token", "held: the token is renewed before it expires")
+        elif body.get("user"):
+            line("refresh token", "none: a person must sign in again when the token expires")
+        else:
+            line("refresh token", "none")
+    if code:
+        user_code = str(code.get("user_code"))
+        # As issued: what a terminal shows may be typed as it stands.
+        line("code", f"{user_code} ({typing_hint(user_code).lower()}) "
+             f"at {code.get('verification_uri')}")
+        if code.get("verification_uri_complete"):
+            more(f"or open {code['verification_uri_complete']}")
+        if code.get("expires_at"):
+            more(f"the code expires {_local(code['expires_at'], now)}")
+    if body.get("next_code_at"):
+        line("next code", _local(body["next_code_at"], now))
+    if body.get("last_error"):
+        line("problem", body["last_error"])
+    if "issuer" in body:
+        line("issuer", body["issuer"] or "none (endpoints from the config)")
+    if body.get("client_id"):
+        line("client", body["client_id"])
+    scopes = body.get("scope") or " ".join(body.get("scopes_requested") or [])
+    if scopes:
+        line("scopes", scopes)
+    if body.get("device_name"):
+        line("device name", body["device_name"])
+    files = body.get("files") or {}
+    for name in ("credentials", "session"):
+        if files.get(name):
+            line(name, files[name])
+    line("socket", socket_path)
+    if body.get("version"):
+        line("version", body["version"])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status, body = _api(args, "GET", "/v1/status")
     if status != EX_OK:
-        return _fail(body["message"], status)
+        return _refuse(args, body, status)
     if args.json:
         print(json.dumps(body, indent=2))
         return EX_OK
-    print(f"state:   {body['state']}")
-    if body.get("user"):
-        print(f"user:    {body['user']}")
-    if body.get("token_expires_at"):
-        print(f"expires: {body['token_expires_at']}")
-    code = body.get("code")
-    if code:
-        print(f"code:    {code['user_code']} at {code['verification_uri']}")
-        print(f"         (expires {code['expires_at']})")
-    if body.get("next_code_at"):
-        print(f"next code: {body['next_code_at']}")
-    if body.get("last_error"):
-        print(f"problem: {body['last_error']}")
+    _show_status(body, _socket_path(args))
     return EX_OK
 
 
@@ -247,7 +384,16 @@ def cmd_admin(args: argparse.Namespace) -> int:
                          EX_TEMPFAIL)
         print("a new code is on the screen")
     elif args.command == "logout":
-        print("signed out")
+        revocation = body.get("revocation")
+        if revocation == "confirmed":
+            print("signed out; the provider confirmed the revocation of the tokens")
+        elif revocation == "nothing_to_revoke":
+            print("not signed in; nothing to revoke")
+        elif revocation == "not_confirmed":
+            print("signed out here, but the provider has not confirmed the revocation: the "
+                  "tokens may still work there until they expire")
+        else:
+            print("signed out")
         for problem in body.get("problems", []):
             print(f"  note: {problem}", file=sys.stderr)
     else:
@@ -258,18 +404,29 @@ def cmd_admin(args: argparse.Namespace) -> int:
 # -- checks ------------------------------------------------------------------------
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import load_config
+    from agent.config import load_config, still_the_example
 
+    path = Path(args.file) if args.file else _config_path(args.config)
     try:
-        config = load_config(Path(args.file))
+        config = load_config(path)
         # Panel options are checked by the panel's own code, as at start-up.
         from agent.display.factory import create_display
 
         create_display(config.display)
     except ConfigError as exc:
-        return _fail(f"configuration error: {exc}", EX_CONFIG)
+        # Every problem, one line each, so they are fixed in one go.
+        for problem in exc.errors:
+            print(f"device-agent: configuration error: {problem}", file=sys.stderr)
+        count = len(exc.errors)
+        if count > 1:
+            print(f"device-agent: {path}: {count} problems", file=sys.stderr)
+        return EX_CONFIG
+    placeholder = still_the_example(config)
+    if placeholder is not None:
+        # Valid as a file, and `run` refuses it: said, not failed, while it is edited.
+        print(f"device-agent: warning: {placeholder}", file=sys.stderr)
     where = config.provider.issuer or config.provider.device_authorization_endpoint
-    print(f"{args.file}: OK (client {config.provider.client_id} at {where})")
+    print(f"{path}: OK (client {config.provider.client_id} at {where})")
     return EX_OK
 
 
@@ -310,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--approve-after", type=float, metavar="SECONDS",
                       help="approve every code automatically after SECONDS")
     demo.add_argument("--port", type=int, default=0, help="provider port (default: any free)")
+    demo.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                      help="address the provider listens on (default: 127.0.0.1); 0.0.0.0 "
+                      "lets a phone on the same network approve")
+    demo.add_argument("--public-url", metavar="URL",
+                      help="the provider's address as the phone reaches it (a reverse proxy, "
+                      "ssh -L): shown in the links; the agent keeps using loopback")
     demo.add_argument("--code-lifetime", type=float, default=300.0, metavar="SECONDS")
     demo.add_argument("--device-name", default="Demo device")
     demo.add_argument("--display", default="console")
@@ -320,29 +483,38 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a valid access token")
     token.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
                        help="refresh first if the token expires sooner than this")
-    token.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    token.add_argument("--json", action="store_true",
+                       help="print the whole answer as JSON (errors too, as "
+                       "{\"error\", \"message\"})")
     with_socket(token)
     token.set_defaults(func=cmd_token)
 
     status = sub.add_parser("status", help="show what the agent is doing")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true",
+                        help="print the status document as JSON, the code exactly as issued")
     with_socket(status)
     status.set_defaults(func=cmd_status)
 
     for name, text in (("login", "show a new code now (within the hourly budget)"),
-                       ("logout", "revoke the tokens and sign out"),
+                       ("logout", "revoke the tokens at the provider and sign out; says "
+                                  "whether the provider confirmed"),
                        ("refresh", "refresh the token now")):
         p = sub.add_parser(name, help=text)
         with_socket(p)
         p.set_defaults(func=cmd_admin)
 
-    check = sub.add_parser("check-config", help="validate a config file")
-    check.add_argument("file")
+    check = sub.add_parser("check-config", help="validate a config file: every problem, "
+                                                "each with its key and line")
+    check.add_argument("file", nargs="?",
+                       help="the config file (default: --config, $DEVICE_AGENT_CONFIG or "
+                            "/etc/device-agent/config.yaml)")
+    check.add_argument("--config", metavar="FILE", help="the config file, as for `run`")
     check.set_defaults(func=cmd_check_config)
 
     provider = sub.add_parser("check-provider",
                               help="check the identity provider's setup for this agent")
-    provider.add_argument("--config")
+    provider.add_argument("--config", help=f"config file (default: $DEVICE_AGENT_CONFIG "
+                          f"or {DEFAULT_CONFIG})")
     provider.add_argument("--no-device-request", action="store_true",
                           help="skip the device authorization request (it counts against "
                           "authentik's 20 requests an hour)")

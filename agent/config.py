@@ -882,6 +882,19 @@ def load_config(path: Path, *, environ: Mapping[str, str] = os.environ) -> Agent
     return config
 
 
+# config.example.yaml's issuer, which install-service copies into place: a device run
+# with it would only ever say "No network" while nothing could sign it in.
+EXAMPLE_ISSUER = "https://auth.example.com/application/o/my-device/"
+
+
+def still_the_example(config: AgentConfig) -> str | None:
+    """Why `config` cannot sign anything in as it stands, or None."""
+    if config.provider.issuer == EXAMPLE_ISSUER:
+        return (f"provider.issuer is still the example's {EXAMPLE_ISSUER}; set it to your "
+                f"provider's issuer (authentik: https://HOST/application/o/SLUG/)")
+    return None
+
+
 def _service_copy(environ: Mapping[str, str], denied: PermissionError, source: Path) -> bytes:
     """systemd's copy, when it is a copy of this file: a drop-in that points --config
     elsewhere and leaves LoadCredential= alone must not run on the other file's

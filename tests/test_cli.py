@@ -315,3 +315,92 @@ def test_a_token_read_does_not_read_the_config(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, check=False).stdout
     assert out.split()[-2:] == ["False", "False"], out
+
+
+# -- issue 10 item 9: a second agent never takes the running one's socket -------------
+
+async def _answers(path: Path, within: float = 15.0) -> None:
+    from agent.client import AgentUnavailable, call
+
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                if (await asyncio.to_thread(call, path, "GET", "/v1/status", timeout=5.0)).ok:
+                    return
+            except (AgentUnavailable, OSError):
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def test_a_second_agent_leaves_the_running_ones_socket(
+        idp: IdentityProvider, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_service_process import ROOT, _child_env
+
+    first = write_config(tmp_path / "first.yaml", idp, tmp_path)
+    # Another credential file, so only the socket is shared.
+    second = write_config(tmp_path / "second.yaml", idp, tmp_path,
+                          storage={"path": str(tmp_path / "other" / "credentials.json")})
+    path = tmp_path / "run" / "agent.sock"
+    env = _child_env()
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "run", "--config", str(first), env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await _answers(path)
+        bound = path.stat().st_ino
+        for argv in (["run", "--config", str(second)],
+                     ["demo", "--socket", str(path), "--display", "none"]):
+            late = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.cli", *argv, env=env, cwd=ROOT,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            async with asyncio.timeout(30):
+                _, err = await late.communicate()
+            assert late.returncode == 70, err.decode()
+            assert "already listening" in err.decode()
+            assert path.stat().st_ino == bound, argv
+            # The running agent still answers: not signed in yet (75), never 69.
+            status = await asyncio.to_thread(main, ["token", "--socket", str(path)])
+            assert status == EX_TEMPFAIL, capsys.readouterr().err
+    finally:
+        agent.terminate()
+        async with asyncio.timeout(10):
+            await agent.wait()
+    assert not path.exists()
+
+
+def test_check_config_lists_every_problem_with_its_line_and_takes_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 10 item 10.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("provider:\n  issuer: https://id.example/application/o/x/\n"
+                   "  client_id: c\n  timeout: soon\ndevice:\n  nmae: Kitchen\n")
+    assert main(["check-config", "--config", str(bad)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "device-agent: configuration error: provider.timeout (line 4): " + err[0].split(
+            "provider.timeout (line 4): ", 1)[1],
+        "device-agent: configuration error: device.nmae (line 6): " + err[1].split(
+            "device.nmae (line 6): ", 1)[1],
+        f"device-agent: {bad}: 2 problems"]
+    assert "did you mean 'name'" in err[1]
+    good = tmp_path / "good.yaml"
+    good.write_text("provider:\n  issuer: https://id.example/application/o/x/\n"
+                    "  client_id: c\n")
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert main(["check-config", str(good)]) == 0
+
+
+def test_run_refuses_the_example_issuer_and_check_config_warns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 10 item 10: install-service copies config.example.yaml into place.
+    from agent.config import EXAMPLE_ISSUER, load_config
+
+    example = Path(__file__).resolve().parents[1] / "config.example.yaml"
+    assert load_config(example).provider.issuer == EXAMPLE_ISSUER
+    config = tmp_path / "config.yaml"
+    config.write_text(f"provider:\n  issuer: {EXAMPLE_ISSUER}\n  client_id: c\n"
+                      f"storage:\n  path: {tmp_path}/state/credentials.json\n")
+    assert main(["run", "--config", str(config)]) == EX_CONFIG
+    assert "provider.issuer: is still the example's" in capsys.readouterr().err
+    assert main(["check-config", str(config)]) == EX_OK
+    assert "warning: provider.issuer is still the example's" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import re
 import string
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -910,3 +911,95 @@ async def test_serve_provider_on_a_chosen_port_and_cleans_up(clock: ManualClock)
     # The port is free again once the block ends.
     async with serve_provider(clock=clock, port=port) as again:
         assert again.base_url == base
+
+
+# -- what a person sees, and what the demo forgives ------------------------------------------
+
+def typed_with_spaces_and_dashes(code: str) -> str:
+    return f"{code[:3]} {code[3:6]}-{code[6:]}"
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+async def test_codes_typed_with_spaces_or_dashes_only_where_the_demo_allows_them(
+        wire: Wire, settings: ProviderSettings, lenient: bool) -> None:
+    # authentik matches the user code exactly, so by default a screen that shows what
+    # cannot be typed is caught; only the demo, which a person tries by hand, forgives.
+    if lenient:
+        settings.lenient_user_codes = True  # what `device-agent demo` sets
+    codes = await wire.device()
+    typed = typed_with_spaces_and_dashes(codes["user_code"])
+    status, text = await get_page(wire, "?" + urlencode({"code": typed}))
+    assert status == (200 if lenient else 403)
+    status, text = await post_page(wire, {"code": typed, "user": "alice",
+                                          "action": "approve"})
+    if lenient:
+        assert status == 200 and "successfully authenticated" in text
+        poll_status, tokens = await wire.poll(codes["device_code"])
+        assert poll_status == 200, tokens
+    else:
+        assert status == 403 and "Permission denied" in text
+        assert codes["user_code"] in wire.p.pending_user_codes()
+    _, entry = await get_page(wire)
+    assert ('pattern="[0-9]*"' in entry) is not lenient
+
+
+async def test_page_shows_the_device_the_code_in_groups_and_the_scopes_in_words(
+        wire: Wire, settings: ProviderSettings) -> None:
+    # The device authorization request carries only client_id and scope (RFC 8628
+    # §3.1), so the name comes from whoever runs the provider.
+    settings.device_name = "Kitchen <Pi>"
+    codes = await wire.device(scope="openid profile email offline_access extra")
+    code = codes["user_code"]
+    status, text = await get_page(wire, f"?code={code}")
+    assert status == 200
+    assert "Kitchen &lt;Pi&gt;" in text and "<Pi>" not in text
+    # Drawn apart, with nothing between the groups that a copy would carry along.
+    assert f"<span>{code[:3]}</span><span>{code[3:6]}</span><span>{code[6:]}</span>" in text
+    for words in ("openid: your identity", "profile: your name and username",
+                  "email: your email address", "offline_access: stay signed in"):
+        assert f"<li>{words}</li>" in text
+    assert "<li>extra</li>" in text
+    assert f'name="code" value="{code}"' in text
+
+
+async def test_page_without_a_device_name_names_no_device(wire: Wire) -> None:
+    codes = await wire.device()
+    _, text = await get_page(wire, f"?code={codes['user_code']}")
+    assert "Device:" not in text
+
+
+async def test_public_url_changes_only_what_a_person_is_shown(
+        wire: Wire, settings: ProviderSettings, provider: IdentityProvider) -> None:
+    public = "http://phone.example:8080/idp"
+    settings.public_url = public + "/"
+    codes = await wire.device()
+    assert codes["verification_uri"] == f"{public}/device"
+    assert codes["verification_uri_complete"] == f"{public}/device?code={codes['user_code']}"
+    async with wire.http.get(wire.url("/application/o/device-agent/.well-known/"
+                                      "openid-configuration")) as r:
+        document = await r.json()
+    for key in ("issuer", "token_endpoint", "device_authorization_endpoint", "jwks_uri"):
+        assert document[key].startswith(provider.base_url + "/"), key
+    _, entry = await get_page(wire)
+    assert f'action="{public}/device"' in entry
+    _, confirm = await get_page(wire, f"?code={codes['user_code']}")
+    assert f'action="{public}/device"' in confirm
+    _, denied = await get_page(wire, "?code=000")
+    assert f'href="{public}/device"' in denied
+    # The device's own poll still works at the address it used.
+    provider.approve(codes["user_code"])
+    status, tokens = await wire.poll(codes["device_code"])
+    assert status == 200
+    _, claims = idp_jwt.decode_unverified(tokens["id_token"])
+    assert claims["iss"] == provider.issuer
+
+
+async def test_serve_provider_on_every_address_is_reached_at_loopback(
+        clock: ManualClock) -> None:
+    # A client cannot portably connect to 0.0.0.0; on this machine loopback reaches the
+    # same socket.
+    async with serve_provider(clock=clock, host="0.0.0.0") as provider:
+        assert provider.base_url.startswith("http://127.0.0.1:")
+        async with aiohttp.ClientSession() as session, session.get(
+                provider.issuer + ".well-known/openid-configuration") as r:
+            assert r.status == 200

@@ -31,6 +31,7 @@ import hmac
 import itertools
 import json
 import logging
+import re
 import secrets
 import ssl
 import string
@@ -84,6 +85,10 @@ _REFRESH_ALPHABET = string.ascii_letters + string.digits
 ISSUED_KINDS = ("access_token", "refresh_token", "id_token", "device_code")
 _HOUR = 3600.0
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# What a person types between the groups of a code: spaces of any kind and dashes.
+_TYPED_SEPARATORS = re.compile(r"[\s\-\u2010-\u2015\u2212]+")
+# A client cannot portably connect to a wildcard address; loopback reaches the socket.
+_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 # RFC 6749 §5.2 / RFC 8628 §3.5 descriptions, worded as authentik's errors.py does.
 _DESCRIPTIONS = {
@@ -138,6 +143,17 @@ class ProviderSettings:
     rotate_refresh_tokens: bool = True   # False: a non-zero refresh_token_threshold
     advertise_device_endpoint: bool = True
     users: Mapping[str, Mapping[str, str]] = field(default_factory=_default_users)
+    # Where a person reaches the provider when that is not where the device does (a LAN
+    # address, a reverse proxy, `ssh -L`): the verification URIs and the page's links
+    # use it; discovery and everything the device calls keep the request's address.
+    public_url: str | None = None
+    # The consent page names the device from here: the device authorization request
+    # carries only client_id and scope (RFC 8628 §3.1), so whoever runs it must say.
+    device_name: str | None = None
+    # RFC 8628 §6.1 lets a server ignore the spaces and dashes a person types. authentik
+    # matches the code exactly, and so does the default, so that the tests catch a
+    # screen that shows what cannot be typed; only the demo forgives.
+    lenient_user_codes: bool = False
 
 
 # -- scripted behaviours ---------------------------------------------------------------
@@ -309,6 +325,16 @@ class IdentityProvider:
         # authentik builds absolute URLs from the request; without serve_provider (an
         # aiohttp test client, say) the request is all there is.
         return self.base_url or str(request.url.origin())
+
+    def _people_base(self, request: web.Request) -> str:
+        public = self.settings.public_url
+        return public.rstrip("/") if public else self._base(request)
+
+    def _page_action(self) -> str:
+        # Relative unless told otherwise, as authentik's own page is: it works through
+        # any proxy that maps the root.
+        public = self.settings.public_url
+        return f"{public.rstrip('/')}/device" if public else "/device"
 
     @property
     def signer(self) -> Signer:
@@ -598,7 +624,7 @@ class IdentityProvider:
         self._purge(now)
         self._codes[token.device_code] = token
         self._issued["device_code"].append(token.device_code)
-        base = self._base(request)
+        base = self._people_base(request)
         answer: dict[str, Any] = {
             "device_code": token.device_code,
             "verification_uri": f"{base}/device",
@@ -823,6 +849,8 @@ class IdentityProvider:
     # -- the approval page --------------------------------------------------------------------
 
     def _approvable(self, user_code: str) -> _DeviceToken | None:
+        if self.settings.lenient_user_codes:
+            user_code = _TYPED_SEPARATORS.sub("", user_code)
         now = self.clock.monotonic()
         self._purge(now)
         for token in self._codes.values():
@@ -838,22 +866,26 @@ class IdentityProvider:
                         ) -> web.StreamResponse:
         """`/device` (`device_init.py`): the entry form, or with `?code=` (the
         `verification_uri_complete` of RFC 8628 §3.3.1) straight to consent."""
+        action = self._page_action()
         code = request.query.get("code")
         if code is None:
-            return _html(page.entry_page())
+            return _html(page.entry_page(action,
+                                         lenient=self.settings.lenient_user_codes))
         token = self._approvable(code)
         if token is None:
-            return _html(page.denied_page(), status=403)
+            return _html(page.denied_page(action), status=403)
         return _html(page.confirm_page(user_code=token.user_code,
                                        application=self.settings.slug,
-                                       scopes=token.scopes, users=self.settings.users))
+                                       scopes=token.scopes, users=self.settings.users,
+                                       device_name=self.settings.device_name,
+                                       action=action))
 
     async def _page_post(self, request: web.Request, form: dict[str, str],
                          ) -> web.StreamResponse:
         """The consent answer; approval is `device_finish.py` attaching the user."""
         token = self._approvable(form.get("code", ""))
         if token is None:
-            return _html(page.denied_page(), status=403)
+            return _html(page.denied_page(self._page_action()), status=403)
         action = form.get("action")
         if action == "approve":
             user = form.get("user", "")
@@ -921,7 +953,8 @@ async def serve_provider(settings: ProviderSettings | None = None, *,
                          port: int = 0, ssl_context: ssl.SSLContext | None = None,
                          ) -> AsyncIterator[IdentityProvider]:
     """Run a provider on `host`:`port` (0: any free port) until the block ends;
-    `base_url` carries the port actually bound. With `ssl_context`, over HTTPS."""
+    `base_url`, where this machine reaches it, carries the port actually bound (and
+    loopback for a wildcard `host`). With `ssl_context`, over HTTPS."""
     provider = IdentityProvider(settings, clock=clock)
     # No access log: its request lines would be noise in the agent's own log.
     runner = web.AppRunner(provider.app(), access_log=None)
@@ -930,7 +963,8 @@ async def serve_provider(settings: ProviderSettings | None = None, *,
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = runner.addresses[0][1]
-        shown_host = f"[{host}]" if ":" in host else host
+        reach = _LOOPBACK_FOR.get(host, host)
+        shown_host = f"[{reach}]" if ":" in reach else reach
         scheme = "https" if ssl_context is not None else "http"
         provider.base_url = f"{scheme}://{shown_host}:{bound_port}"
         yield provider
