@@ -473,11 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--public-url", metavar="URL",
                       help="the provider's address as the phone reaches it (a reverse proxy, "
                       "ssh -L): shown in the links; the agent keeps using loopback")
-    demo.add_argument("--code-lifetime", type=float, default=300.0, metavar="SECONDS")
-    demo.add_argument("--device-name", default="Demo device")
-    demo.add_argument("--display", default="console")
+    demo.add_argument("--code-lifetime", type=float, default=300.0, metavar="SECONDS",
+                      help="how long each code may be approved (default: 300)")
+    demo.add_argument("--device-name", default="Demo device",
+                      help="the name on the screen and on the approval page")
+    demo.add_argument("--display", default="console",
+                      help="where the code is shown: a display.type (default: console)")
     demo.add_argument("--socket", help="API socket (default: the per-user runtime path)")
-    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     demo.set_defaults(func=cmd_demo)
 
     token = sub.add_parser("token", help="print a valid access token")
