@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from agent import __version__
-from agent.errors import ConnectFailed, RequestTimeout, ResponseTooLarge, TLSFailed
+from agent.errors import ConnectFailed, RequestTimeout, ResponseTooLarge, TLSFailed, TransportError
 from agent.oauth.models import HttpRequest, HttpResponse
 
 __all__ = ["Transport"]
@@ -34,6 +34,7 @@ class Transport:
         self._max_bytes = max_response_bytes
         self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
         # The system trust store, plus the operator's CA for a private authentik.
@@ -43,6 +44,9 @@ class Transport:
         return context
 
     def _session_now(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # A request after close() would open a session nobody closes again.
+            raise TransportError("the HTTP client is closed (the agent is stopping)")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
@@ -116,6 +120,7 @@ class Transport:
         return b"".join(chunks)
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
