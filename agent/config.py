@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from agent.display.kinds import KINDS
 from agent.errors import ConfigError
 from agent.hooks import HOOK_EVENTS
 from agent.paths import default_socket_path, default_state_path
@@ -38,10 +39,10 @@ from agent.paths import default_socket_path, default_state_path
 __all__ = [
     "DISPLAY_TYPES",
     "LOG_LEVELS",
-    "OLED_DISPLAY_TYPES",
     "SINK_FORMATS",
     "AgentConfig",
     "ApiConfig",
+    "ButtonConfig",
     "DeviceConfig",
     "DisplayConfig",
     "HookConfig",
@@ -59,14 +60,7 @@ __all__ = [
 ]
 
 
-# The device classes luma.oled can drive; the panel factory builds them by this name.
-OLED_DISPLAY_TYPES: Final = frozenset({
-    "ssd1306", "ssd1309", "ssd1322", "ssd1325", "ssd1327", "ssd1331", "ssd1351",
-    "ssd1362", "sh1106", "sh1107", "ws0010", "winstar_weh",
-})
-DISPLAY_TYPES: Final = frozenset({
-    "console", "png", "none", "linux_framebuffer", "terminal", "nextion", "charlcd",
-}) | OLED_DISPLAY_TYPES
+DISPLAY_TYPES: Final = frozenset(KINDS)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Token file formats, written by agent.sinks.
 SINK_FORMATS: Final = ("raw", "json", "env")
@@ -135,6 +129,13 @@ class DisplayConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ButtonConfig:
+    pin: int | None = None   # BCM GPIO number; None: no button
+    hold: float = 5.0        # held this long: a new sign-in (agent.display.button)
+    pull_up: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class StorageConfig:
     path: Path = field(default_factory=default_state_path)
 
@@ -180,6 +181,7 @@ class AgentConfig:
     sign_in: SignInConfig = field(default_factory=SignInConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     display: DisplayConfig = field(default_factory=DisplayConfig)
+    button: ButtonConfig = field(default_factory=ButtonConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -672,6 +674,41 @@ _DISPLAY = _Section(DisplayConfig, {
     "options": _options,
 }, _check_display)
 
+_BUTTON = _Section(ButtonConfig, {
+    "pin": _optional(_integer(0, 53)),
+    "hold": _duration(),
+    "pull_up": _boolean,
+})
+
+# Where versions before the button: section read the button from; such a config must
+# keep working after an upgrade, since a device that exits 78 stays dead.
+_OLD_BUTTON_KEYS: Final = {"button_pin": "pin", "button_hold": "hold",
+                           "button_pull_up": "pull_up"}
+
+
+def _move_old_button_keys(config: AgentConfig, key: str) -> AgentConfig:
+    options = config.display.options
+    old = [name for name in _OLD_BUTTON_KEYS if name in options]
+    if not old:
+        return config
+    if config.button != ButtonConfig():
+        raise ConfigError(f"display.options.{old[0]}",
+                          f"is the old place of button.{_OLD_BUTTON_KEYS[old[0]]}, which "
+                          "is set too; remove the display.options.button_* keys")
+    ctx = _Context(base_dir=Path.cwd())  # the button's readers read no paths
+    values: dict[str, Any] = {_OLD_BUTTON_KEYS[name]: _BUTTON.fields[_OLD_BUTTON_KEYS[name]](
+        options[name], f"display.options.{name}", ctx) for name in old}
+    moved = ", ".join(f"display.options.{name} as button.{_OLD_BUTTON_KEYS[name]}"
+                      for name in old)
+    logging.getLogger(__name__).warning(
+        "read %s; write them in the button: section instead (button: {pin: 17, hold: 5s})",
+        moved)
+    rest = {name: value for name, value in options.items() if name not in _OLD_BUTTON_KEYS}
+    return dataclasses.replace(
+        config, button=ButtonConfig(**values),
+        display=dataclasses.replace(config.display, options=MappingProxyType(rest)))
+
+
 _STORAGE = _Section(StorageConfig, {
     "path": _null_means_default(_path),
 })
@@ -743,12 +780,13 @@ _AGENT = _Section(AgentConfig, {
     "sign_in": _section(_SIGN_IN),
     "refresh": _section(_REFRESH),
     "display": _section(_DISPLAY),
+    "button": _section(_BUTTON),
     "storage": _section(_STORAGE),
     "api": _section(_API),
     "logging": _section(_LOGGING),
     "sinks": _list(_section(_SINK)),
     "hooks": _list(_section(_HOOK)),
-}, derived=frozenset({"source"}))
+}, _move_old_button_keys, derived=frozenset({"source"}))
 
 
 # -- entry points -----------------------------------------------------------------

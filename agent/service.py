@@ -19,8 +19,9 @@ from agent.clock import Clock, SystemClock, clock_is_set
 from agent.config import AgentConfig
 from agent.consumers import Consumers, hooks_from_config, token_files_from_config
 from agent.display import Display
+from agent.display.kinds import KINDS
 from agent.driver import Driver
-from agent.errors import StoreInsecure, StoreTooNew
+from agent.errors import ConfigError, StoreInsecure, StoreTooNew
 from agent.hooks import HookRunner
 from agent.oauth import Client
 from agent.oauth.discovery import ExplicitEndpoints
@@ -67,7 +68,7 @@ def driver_settings(config: AgentConfig) -> SessionSettings:
         refresh_margin_ratio=config.refresh.margin_ratio,
         refresh_retry_initial=config.refresh.retry_initial,
         refresh_retry_max=config.refresh.retry_max,
-        button="button_pin" in config.display.options,
+        button=config.button.pin is not None,
         machine_id=machine_id(),
     )
 
@@ -193,17 +194,23 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         api = ApiServer(build_app(driver, policy, wall_clock=clock.time), config.api.socket,
                         mode=config.api.mode, sock=inherited)
         await api.start()
-        if "button_pin" in config.display.options:
+        if config.button.pin is not None:
             from agent.display.button import create_button
 
             # A short press asks for a new code while signing in; a hold starts over.
-            button = create_button(
-                config.display.options, loop=asyncio.get_running_loop(),
-                on_press=driver.request_login,
-                on_hold=lambda: driver.request_login(new_sign_in=True))
+            try:
+                button = create_button(
+                    {"button_pin": config.button.pin, "button_hold": config.button.hold,
+                     "button_pull_up": config.button.pull_up},
+                    loop=asyncio.get_running_loop(), on_press=driver.request_login,
+                    on_hold=lambda: driver.request_login(new_sign_in=True))
+            except ConfigError as exc:  # gpiozero missing: say it of the button: section
+                raise ConfigError("button.pin", exc.message) from None
         if display is not None:
-            # Burn-in is a panel's problem; a terminal keeps showing who is signed in.
-            blank_after = None if config.display.type == "console" else config.display.blank_after
+            # Burn-in is a panel's problem (agent.display.kinds says whose); a console
+            # keeps showing who is signed in.
+            blank_after = (config.display.blank_after if KINDS[config.display.type].burns_in
+                           else None)
             tasks.append(asyncio.create_task(
                 _drive_display(display, driver, clock, blank_after), name="display"))
         run = asyncio.create_task(driver.run(), name="driver")

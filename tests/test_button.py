@@ -187,3 +187,65 @@ async def test_without_gpiozero_the_error_says_what_to_install(
         create_button({"button_pin": PIN}, loop=asyncio.get_running_loop(), on_press=print,
                       on_hold=print)
     assert "pip install device-agent[gpio]" in caught.value.message
+
+
+# -- the agent's button: section, end to end ---------------------------------------------
+
+OFFLINE_ISSUER = "http://127.0.0.1:9/application/o/x/"
+
+
+async def run_agent_with_button(tmp_path: Any, factory: MockFactory,
+                                monkeypatch: pytest.MonkeyPatch, config_text: str) -> None:
+    """Start the agent from `config_text`, press the button, hold it; both actions
+    must reach the driver."""
+    import gpiozero
+
+    from agent.config import load_config
+    from agent.driver import Driver
+    from agent.service import driver_settings, serve
+
+    # The agent passes no pin factory: gpiozero's default is the one it uses on a Pi.
+    monkeypatch.setattr(gpiozero.Device, "pin_factory", factory)
+    recorder = Recorder()
+    monkeypatch.setattr(Driver, "request_login", lambda self, new_sign_in=False:
+                        recorder.action("hold" if new_sign_in else "press")())
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        f"provider: {{issuer: '{OFFLINE_ISSUER}', client_id: x, allow_insecure_http: true}}\n"
+        f"storage: {{path: '{tmp_path / 'state' / 'credentials.json'}'}}\n"
+        f"api: {{socket: '{tmp_path / 'agent.sock'}'}}\n" + config_text)
+    config = load_config(path)
+    assert driver_settings(config).button
+    ready: asyncio.Future[Driver] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    agent = asyncio.create_task(serve(config, shutdown=stop.wait(),
+                                      on_ready=ready.set_result))
+    try:
+        await asyncio.wait_for(ready, 5)
+        await press(factory)
+        await recorder.wait()
+        await hold(factory, recorder)
+        assert recorder.names == ["press", "hold"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, 5)
+
+
+async def test_the_button_section_drives_the_agent(
+        tmp_path: Any, factory: MockFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    await run_agent_with_button(tmp_path, factory, monkeypatch,
+                                "display: {type: none}\n"
+                                f"button: {{pin: {PIN}, hold: {HOLD}s}}\n")
+
+
+async def test_a_button_configured_the_old_way_still_drives_the_agent(
+        tmp_path: Any, factory: MockFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "agent.config"):
+        await run_agent_with_button(
+            tmp_path, factory, monkeypatch,
+            "display:\n  type: none\n"
+            f"  options: {{button_pin: {PIN}, button_hold: {HOLD}}}\n")
+    moved = [r.getMessage() for r in caplog.records
+             if r.name == "agent.config" and "button.pin" in r.getMessage()]
+    assert len(moved) == 1

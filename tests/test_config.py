@@ -719,3 +719,74 @@ def test_a_required_key_that_is_missing_is_reported_beside_the_others(tmp_path: 
         "provider.client_id", "device.name"]
     # The section that lacks a key is named where it starts.
     assert {e.key: e.line for e in caught.value.errors}["provider.client_id"] == 1
+
+
+# -- the button section -------------------------------------------------------------
+
+def test_the_button_has_its_own_section() -> None:
+    from agent.config import ButtonConfig
+
+    assert config_from_mapping(minimal()).button == ButtonConfig(pin=None, hold=5.0,
+                                                                 pull_up=True)
+    config = config_from_mapping(minimal(button={"pin": 17, "hold": "2s", "pull_up": False}))
+    assert config.button == ButtonConfig(pin=17, hold=2.0, pull_up=False)
+
+
+@pytest.mark.parametrize(("button", "key", "fragment"), [
+    ({"pin": 54}, "button.pin", "from 0 to 53"),
+    ({"pin": "GPIO17"}, "button.pin", "an integer"),
+    ({"pin": 17, "hold": 0}, "button.hold", "longer than 0"),
+    ({"pin": 17, "pull_up": "yes"}, "button.pull_up", "true or false"),
+    ({"pins": 17}, "button.pins", "did you mean 'pin'?"),
+])
+def test_bad_button_values_name_the_key(button: dict[str, Any], key: str,
+                                        fragment: str) -> None:
+    error = error_for(minimal(button=button))
+    assert (error.key, fragment in error.message) == (key, True)
+
+
+def test_the_old_button_keys_still_work_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from agent.config import ButtonConfig
+
+    options = {"address": 0x3D, "button_pin": 17, "button_hold": "3s",
+               "button_pull_up": False}
+    with caplog.at_level(logging.WARNING):
+        config = config_from_mapping(minimal(display={"type": "ssd1306",
+                                                      "options": options}))
+    assert config.button == ButtonConfig(pin=17, hold=3.0, pull_up=False)
+    # The display no longer sees them: its driver checks only its own options.
+    assert dict(config.display.options) == {"address": 0x3D}
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "button.pin" in warned[0].getMessage()
+    assert "display.options.button_pin" in warned[0].getMessage()
+
+
+def test_an_old_button_key_with_a_bad_value_is_named_where_it_is_written(
+        tmp_path: Path) -> None:
+    path = write(tmp_path / "agent.yaml", (
+        "provider: {issuer: 'https://a.example/x/', client_id: x}\n"
+        "display:\n  type: ssd1306\n  options:\n    button_pin: 99\n"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (caught.value.key, caught.value.line) == ("display.options.button_pin", 5)
+    assert "from 0 to 53" in caught.value.message
+
+
+def test_a_button_set_in_both_places_is_refused() -> None:
+    error = error_for(minimal(button={"pin": 17},
+                              display={"type": "console", "options": {"button_pin": 27}}))
+    assert error.key == "display.options.button_pin"
+    assert "button.pin" in error.message
+
+
+def test_the_session_knows_of_the_button_from_either_place() -> None:
+    from agent.service import driver_settings
+
+    assert not driver_settings(config_from_mapping(minimal())).button
+    assert driver_settings(config_from_mapping(minimal(button={"pin": 17}))).button
+    old = minimal(display={"type": "console", "options": {"button_pin": 17}})
+    assert driver_settings(config_from_mapping(old)).button
+    # A pin of null is no button, in either place.
+    assert not driver_settings(config_from_mapping(minimal(button={"pin": None}))).button

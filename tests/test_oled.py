@@ -546,3 +546,21 @@ async def test_a_panel_back_leaves_the_consoles_block_no_longer_live() -> None:
     assert not display.on_fallback
     assert agent.logs._live_area() is None
     await display.close()
+
+
+# -- the registry -------------------------------------------------------------------------
+
+
+def test_panel_settings_come_from_the_registry() -> None:
+    from agent.display.kinds import KINDS
+
+    for name, kind in KINDS.items():
+        if kind.family not in ("oled", "framebuffer"):
+            continue
+        spec = panel_spec(name, {})
+        assert (spec.interface, panel_mode(spec)) == (kind.interfaces[0], kind.mode)
+        if kind.bgr:
+            assert panel_spec(name, {"bgr": True}).bgr
+        else:
+            with pytest.raises(ConfigError, match="unknown option"):
+                panel_spec(name, {"bgr": True})

@@ -4,9 +4,9 @@ Options are checked here, when the agent starts, so a typo stops it with exit st
 78 (`ConfigError("display.options.NAME", ...)`) instead of surfacing as a panel that
 never lights up. Nothing is opened and no panel library is imported until the first
 screen is shown; the serial displays (terminal, nextion, charlcd) check their own
-options in `agent.display.serial`, and the button options (``button_pin``,
-``button_hold``, ``button_pull_up``) are accepted with any type and read by
-`agent.display.button`.
+options in `agent.display.serial`. Which types there are, and each one's reader and
+constructor, is `agent.display.kinds`. The button has its own ``button:`` section; the
+``display.options.button_*`` keys of older configs are moved there by `agent.config`.
 
 Options by display type ("luma" = the default of luma's class for that controller):
 
@@ -55,8 +55,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.clock import Clock
-from agent.config import OLED_DISPLAY_TYPES, DisplayConfig
+from agent.config import DisplayConfig
 from agent.display.button import BUTTON_OPTIONS
+from agent.display.kinds import KINDS
 from agent.display.options import Reader, boolean, integer, kind_of
 from agent.errors import ConfigError
 
@@ -69,74 +70,95 @@ __all__ = ["PanelWithFallback", "create_display", "panel_spec"]
 
 log = logging.getLogger(__name__)
 
-SERIAL_TYPES: Final = frozenset({"terminal", "nextion", "charlcd"})
-PANEL_TYPES: Final = OLED_DISPLAY_TYPES | {"linux_framebuffer"}
-_MONO_I2C: Final = frozenset({"ssd1306", "ssd1309", "sh1106", "sh1107"})
-_PARALLEL: Final = frozenset({"ws0010", "winstar_weh"})
 # luma's spi() asserts one of these clock rates.
 _SPI_SPEEDS: Final = tuple(int(mhz * 1_000_000) for mhz in (
     0.5, 1, 2, 4, 8, 16, 20, 24, 28, 32, 36, 40, 44, 48, 50, 52))
-# Accepted with every type; agent.display.button reads them.
-
 
 
 def create_display(config: DisplayConfig, *, clock: Clock | None = None) -> Display | None:
     """The display `config` asks for, or None for ``none``. Raises ConfigError."""
-    kind = config.type
-    if kind == "none":
-        return None
-    if kind in SERIAL_TYPES:
-        from agent.display.serial import create_serial_display
+    kind = KINDS.get(config.type)
+    if kind is None:
+        raise ConfigError("display.type", f"{config.type!r} is not a display type")
+    values = kind.read_options(config.type, config.options)
+    display: Display | None = kind.build(config, values, clock)
+    return display
 
-        return create_serial_display(config, clock=clock)
-    if kind == "console":
-        _read(kind, config.options, {})
-        from agent.display.console import ConsoleDisplay
 
-        return ConsoleDisplay(clock=clock)
-    if kind == "png":
-        values = _read(kind, config.options, _PNG_OPTIONS)
-        if config.path is None:
-            raise ConfigError("display.path", "required when display.type is png")
-        from agent.display.png import PngDisplay
+# -- options readers and constructors, named by agent.display.kinds ----------------------
 
-        return PngDisplay(config.path, **values)
-    if kind in PANEL_TYPES:
-        from agent.display.console import ConsoleDisplay
-        from agent.display.oled import (
-            LumaDisplay,
-            describe_panel,
-            open_panel,
-            panel_hint,
-            panel_mode,
-        )
 
-        spec = panel_spec(kind, config.options)
-        panel = LumaDisplay(functools.partial(open_panel, spec), clock=clock,
-                            mode=panel_mode(spec), description=describe_panel(spec),
-                            hint=panel_hint(spec))
-        return PanelWithFallback(panel, ConsoleDisplay(clock=clock))
-    raise ConfigError("display.type", f"{kind!r} is not a display type")
+def left_to_driver(kind: str, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    return options
+
+
+def no_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    return _read(kind, options, {})
+
+
+def png_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    return _read(kind, options, _PNG_OPTIONS)
+
+
+def build_nothing(config: DisplayConfig, values: object, clock: Clock | None) -> None:
+    return None
+
+
+def build_console(config: DisplayConfig, values: object, clock: Clock | None) -> Display:
+    from agent.display.console import ConsoleDisplay
+
+    return ConsoleDisplay(clock=clock)
+
+
+def build_png(config: DisplayConfig, values: Mapping[str, Any],
+              clock: Clock | None) -> Display:
+    if config.path is None:
+        raise ConfigError("display.path", "required when display.type is png")
+    from agent.display.png import PngDisplay
+
+    return PngDisplay(config.path, **values)
+
+
+def build_serial(config: DisplayConfig, values: object, clock: Clock | None) -> Display:
+    from agent.display.serial import create_serial_display
+
+    return create_serial_display(config, clock=clock)
+
+
+def build_panel(config: DisplayConfig, spec: PanelSpec, clock: Clock | None) -> Display:
+    from agent.display.console import ConsoleDisplay
+    from agent.display.oled import (
+        LumaDisplay,
+        describe_panel,
+        open_panel,
+        panel_hint,
+        panel_mode,
+    )
+
+    panel = LumaDisplay(functools.partial(open_panel, spec), clock=clock,
+                        mode=panel_mode(spec), description=describe_panel(spec),
+                        hint=panel_hint(spec))
+    return PanelWithFallback(panel, ConsoleDisplay(clock=clock))
 
 
 def panel_spec(kind: str, options: Mapping[str, Any]) -> PanelSpec:
     """Checked settings for an OLED panel or framebuffer. Raises ConfigError."""
     from agent.display.oled import PanelSpec, check_geometry
 
-    if kind == "linux_framebuffer":
+    entry = KINDS[kind]
+    if entry.family == "framebuffer":
         values = _read(kind, options, _FRAMEBUFFER_OPTIONS)
         return PanelSpec(type=kind, interface="framebuffer",
                          framebuffer=values.get("device", "/dev/fb0"),
                          bgr=values.get("bgr", False))
-    default_interface = ("parallel" if kind in _PARALLEL
-                         else "i2c" if kind in _MONO_I2C else "spi")
-    interface = options.get("interface", default_interface)
-    choices = ("parallel",) if kind in _PARALLEL else ("i2c", "spi")
+    choices = entry.interfaces
+    interface = options.get("interface", choices[0])
     if interface not in choices:
         raise ConfigError("display.options.interface",
-                          f"{interface!r} is not one of: {', '.join(choices)} (for {kind})")
+                          f"{interface!r} is not one of: {', '.join(sorted(choices))} "
+                          f"(for {kind})")
     table = {**_PANEL_OPTIONS, **_INTERFACE_OPTIONS[interface]}
-    if kind == "ssd1351":
+    if entry.bgr:
         table["bgr"] = boolean
     values = _read(kind, options, table, interface=interface)
     spec = PanelSpec(
@@ -281,7 +303,7 @@ def _read(kind: str, options: Mapping[str, Any], table: Mapping[str, Reader], *,
     for name, value in options.items():
         key = f"display.options.{name}"
         if name in BUTTON_OPTIONS:
-            continue
+            continue  # an older config's button keys: agent.config reads them
         reader = table.get(name)
         if reader is None:
             raise ConfigError(key, _unknown(kind, name, table, interface))
@@ -293,7 +315,7 @@ def _unknown(kind: str, name: str, table: Mapping[str, Reader], interface: str |
     for other, readers in _INTERFACE_OPTIONS.items():
         if name in readers and other != interface:
             return f"applies to interface {other} only; this {kind} uses {interface}"
-    accepted = sorted({*table, *BUTTON_OPTIONS})
+    accepted = sorted(table)
     close = difflib.get_close_matches(name, accepted, n=1)
     guess = f"did you mean {close[0]!r}? " if close else ""
     known = ", ".join(accepted) if accepted else "none"

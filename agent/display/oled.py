@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agent.clock import Clock, SystemClock
+from agent.display.kinds import KINDS
 from agent.display.screens import FATAL
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
     from agent.display.screens import Screen
 
 __all__ = [
-    "COLOUR_TYPES",
-    "GREYSCALE_TYPES",
-    "PARALLEL_TYPES",
     "LumaDevice",
     "LumaDisplay",
     "PanelSpec",
@@ -49,12 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# 4-bit greyscale controllers: laid out in "L", handed to luma as RGB.
-GREYSCALE_TYPES: Final = frozenset({"ssd1322", "ssd1325", "ssd1327", "ssd1362"})
-COLOUR_TYPES: Final = frozenset({"ssd1331", "ssd1351", "linux_framebuffer"})
-# Winstar character OLEDs on a 6800-style parallel bus of GPIO pins.
-PARALLEL_TYPES: Final = frozenset({"ws0010", "winstar_weh"})
 
 RETRY_INTERVAL: Final = 30.0
 
@@ -109,16 +101,12 @@ class PanelSpec:
 
 def panel_mode(spec: PanelSpec) -> str:
     """The layout mode for the panel: what it can actually show."""
-    if spec.type in GREYSCALE_TYPES:
-        return "L"
-    if spec.type in COLOUR_TYPES:
-        return "RGB"
-    return "1"
+    return KINDS[spec.type].mode or "1"
 
 
 def describe_panel(spec: PanelSpec) -> str:
     """Where the panel is expected, in the words of its wiring."""
-    name = spec.type.upper() if spec.type != "linux_framebuffer" else "framebuffer"
+    name = spec.type.upper() if spec.interface != "framebuffer" else "framebuffer"
     if spec.interface == "i2c":
         return f"{name} at I2C bus {spec.port} address 0x{spec.address:02X}"
     if spec.interface == "spi":
@@ -166,15 +154,6 @@ def open_panel(spec: PanelSpec) -> LumaDevice:
 
 
 
-# The sizes the parallel-bus controllers come in, their defaults, and what the numbers
-# count.
-_PARALLEL_SIZES: dict[
-    str, tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[str, str]]] = {
-    "ws0010": ("WS0010", (40, 60, 80, 100), (8, 16), (100, 16), ("pixels", "pixels")),
-    "winstar_weh": ("Winstar WEH", (8, 12, 16, 20), (1, 2), (16, 2), ("characters", "lines")),
-}
-
-
 def _or(values: tuple[int, ...]) -> str:
     return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
 
@@ -188,14 +167,14 @@ def check_geometry(spec: PanelSpec) -> str | None:
     """
     if spec.interface == "framebuffer":
         return None  # the kernel driver knows its size; luma reads it from sysfs
-    fixed = _PARALLEL_SIZES.get(spec.type)
+    fixed = KINDS[spec.type].sizes
     if fixed is not None:
         # These need a parallel bus even to be built; their sizes are few enough to list.
-        name, widths, heights, default, unit = fixed
-        width, height = spec.width or default[0], spec.height or default[1]
-        if width not in widths or height not in heights:
-            return (f"{width}x{height} is not a {name} size (width {_or(widths)} {unit[0]}; "
-                    f"height {_or(heights)} {unit[1]})")
+        width, height = spec.width or fixed.default[0], spec.height or fixed.default[1]
+        if width not in fixed.widths or height not in fixed.heights:
+            return (f"{width}x{height} is not a {fixed.label} size (width "
+                    f"{_or(fixed.widths)} {fixed.units[0]}; height {_or(fixed.heights)} "
+                    f"{fixed.units[1]})")
         return None
     from luma.core.error import DeviceDisplayModeError
     from luma.core.interface.serial import noop
@@ -221,7 +200,7 @@ def _device_args(spec: PanelSpec) -> dict[str, Any]:
         args["width"] = spec.width
     if spec.height is not None:
         args["height"] = spec.height
-    if spec.type == "ssd1351":
+    if KINDS[spec.type].bgr:
         args["bgr"] = spec.bgr
     return args
 

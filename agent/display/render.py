@@ -30,19 +30,20 @@ class Panel:
     mode: str
 
 
-PANELS: Final[dict[str, Panel]] = {
-    "ssd1306": Panel(128, 64, "1"),
-    "ssd1306-32": Panel(128, 32, "1"),
-    "ssd1309": Panel(128, 64, "1"),
-    "sh1106": Panel(128, 64, "1"),
-    "sh1107": Panel(64, 128, "1"),
-    "ssd1322": Panel(256, 64, "L"),
-    "ssd1362": Panel(256, 64, "L"),
-    "ssd1325": Panel(128, 64, "L"),
-    "ssd1327": Panel(128, 128, "L"),
-    "ssd1351": Panel(128, 128, "RGB"),
-    "ssd1331": Panel(96, 64, "RGB"),
-}
+def _panels() -> dict[str, Panel]:
+    from agent.display.kinds import KINDS
+
+    panels: dict[str, Panel] = {}
+    for name, kind in KINDS.items():
+        if kind.family != "oled" or kind.geometry is None or kind.mode is None:
+            continue  # a framebuffer, a png file or a terminal: no fixed picture
+        panels[name] = Panel(*kind.geometry, kind.mode)
+        for variant, (width, height) in kind.variants.items():
+            panels[variant] = Panel(width, height, kind.mode)
+    return panels
+
+
+PANELS: Final[dict[str, Panel]] = _panels()
 
 SCREENS: Final = ("code", "starting", "no_network", "code_expired", "needs_button",
                   "throttled", "denied", "signed_in", "refresh_failing", "config_error",
