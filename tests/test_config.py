@@ -790,3 +790,24 @@ def test_the_session_knows_of_the_button_from_either_place() -> None:
     assert driver_settings(config_from_mapping(old)).button
     # A pin of null is no button, in either place.
     assert not driver_settings(config_from_mapping(minimal(button={"pin": None}))).button
+
+
+def test_the_example_config_holds_the_real_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 10: install-service copies the example into place, so a value in
+    it that differs from the default would freeze an old default on every device."""
+    # As systemd runs the shipped unit (StateDirectory=, RuntimeDirectory=).
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/device-agent")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/device-agent")
+    example = load_config(EXAMPLE)
+    required = {"provider": {"issuer": example.provider.issuer,
+                             "client_id": example.provider.client_id}}
+    defaults = config_from_mapping(required, source=EXAMPLE.resolve())
+
+    def differences(a: object, b: object, key: str = "") -> list[str]:
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            return [found for f in dataclasses.fields(a)
+                    for found in differences(getattr(a, f.name), getattr(b, f.name),
+                                             f"{key}.{f.name}".lstrip("."))]
+        return [] if a == b else [key]
+
+    assert differences(example, defaults) == []
