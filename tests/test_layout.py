@@ -40,12 +40,14 @@ def fresh_layout_cache() -> None:
 
 
 def code_screen(uri: str = AUTHENTIK, *, code: str = "123456789", elapsed: float = 15.0,
-                name: str = "Kitchen display") -> Screen:
+                name: str = "Kitchen display", page: int = 0) -> Screen:
+    """The code screen `elapsed` seconds in, on `page` (the QR code's, unless asked)."""
     snapshot = Snapshot(phase=Phase.AWAITING_USER, device_name=name, user_code=code,
                         verification_uri=uri.split("?")[0], verification_uri_complete=uri,
                         code_deadline=NOW_MONO + 60)
-    return build_screen(snapshot, now_mono=NOW_MONO + elapsed, now_wall=NOW_WALL + elapsed,
-                        code_lifetime=60, tz=UTC)
+    return dataclasses.replace(
+        build_screen(snapshot, now_mono=NOW_MONO + elapsed, now_wall=NOW_WALL + elapsed,
+                     code_lifetime=60, tz=UTC), page=page)
 
 
 def text_screen(kind: str) -> Screen:
@@ -398,3 +400,50 @@ def test_bitmap_font_fallback_without_freetype(monkeypatch: pytest.MonkeyPatch) 
     frame: Frame = compose(screen, width=256, height=64, mode="L")
     assert decode(frame.image) == [AUTHENTIK]
     assert "123 456 789" in frame.text
+
+
+# -- issue 10 item 4: a URL that does not fit beside the QR code gets a page of its own --
+
+# Landscape and square panels of 128x64 and up. A 64-pixel-wide portrait panel (a
+# rotated 128x64) still cuts a long host short: its URL page would need more than the
+# three lines a URL may wrap to.
+PAGED_GEOMETRIES = [g for g in QR_GEOMETRIES if g[0] >= 128 and g[1] >= 64]
+
+
+@pytest.mark.parametrize(("width", "height", "mode"), PAGED_GEOMETRIES,
+                         ids=[f"{w}x{h}-{m}" for w, h, m in PAGED_GEOMETRIES])
+@URIS
+def test_the_url_is_legible_in_full_on_one_page_or_the_other(
+        uri: str, width: int, height: int, mode: str) -> None:
+    from agent.display.screens import short_url
+
+    url = short_url(uri.split("?")[0])
+    first = compose(code_screen(uri, page=0), width=width, height=height, mode=mode)
+    assert decode(first.image) == [uri]
+    if not first.url_shortened:
+        assert first.pages == 1
+        return
+    assert first.pages == 2 and first.page == 0
+    second = compose(code_screen(uri, page=1), width=width, height=height, mode=mode)
+    assert second.page == 1 and second.qr is None
+    assert not second.url_shortened
+    assert url in "".join(second.text)
+    assert "".join(code_screen(uri).user_code_groups) in "".join(second.text).replace(" ", "")
+    # The countdown bar is on both pages.
+    assert compose(code_screen(uri, page=3), width=width, height=height,
+                   mode=mode).image.tobytes() == second.image.tobytes()
+
+
+def test_pages_turn_every_few_seconds_from_the_codes_arrival() -> None:
+    from agent.display.screens import PAGE_SECONDS
+
+    snapshot = Snapshot(phase=Phase.AWAITING_USER, device_name=None, user_code="123456789",
+                        verification_uri="https://auth.example.com/device",
+                        verification_uri_complete=AUTHENTIK, code_deadline=NOW_MONO + 60)
+
+    def page_at(elapsed: float) -> int:
+        return build_screen(snapshot, now_mono=NOW_MONO + elapsed, now_wall=NOW_WALL,
+                            code_lifetime=60).page
+
+    assert page_at(0) == 0 and page_at(PAGE_SECONDS - 0.1) == 0
+    assert page_at(PAGE_SECONDS) == 1 and page_at(2 * PAGE_SECONDS) == 2

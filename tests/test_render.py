@@ -83,3 +83,19 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_times_on_the_pictures_do_not_depend_on_the_machine() -> None:
     screen = synthetic_screen("code_expired")
     assert screen.lines == ("Next code at 12:05",)
+
+
+def test_render_draws_each_page_of_a_paged_code_screen(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 10 item 4: the 100-character URI does not fit beside the QR code on 128x64.
+    first, second = tmp_path / "1.png", tmp_path / "2.png"
+    assert run("--panel", "ssd1306", "--uri", HUNDRED, "--out", str(first)) == 0
+    assert "page 1 of 2" in capsys.readouterr().out
+    assert run("--panel", "ssd1306", "--uri", HUNDRED, "--page", "2", "--out", str(second)) == 0
+    said = capsys.readouterr().out
+    assert "page 2 of 2" in said and "URL shortened" not in said
+    with Image.open(first) as image:
+        assert decode(image) == [HUNDRED]
+    with Image.open(second) as image:
+        assert decode(image) == []
+    assert run("--panel", "ssd1306", "--page", "0", "--out", str(first)) == 2

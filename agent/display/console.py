@@ -128,7 +128,8 @@ class ConsoleDisplay:
 
     async def show(self, screen: Screen) -> None:
         with self._lock:
-            key = replace(screen, seconds_left=None, progress=None)
+            # Pages are for pixel panels: the terminal shows the QR code and the URL.
+            key = replace(screen, seconds_left=None, progress=None, page=0)
             if key == self._drawn:
                 if self._tty and self._block:
                     self._update(screen)

@@ -24,7 +24,8 @@ The code screen, most important first:
    column the groups are stacked, one per line. It is never cut or ellipsized. In a
    code of letters and digits the zeros are slashed.
 3. The short URL: the font shrinks first, then the URL wraps at its punctuation (up to
-   3 lines), and only as a last resort is it ellipsized (the QR code still carries it
+   3 lines), then, on panels of 128x64 and up, it gets a page of its own (`Frame.pages`);
+   only as a last resort is it ellipsized (the QR code still carries it
    whole).
 4. The device name when there is room, and the countdown bar from ``screen.progress``.
 
@@ -111,6 +112,10 @@ class Frame:
     qr_omitted: str | None = None
     url_shortened: bool = False
     text: tuple[str, ...] = ()
+    # A code screen whose URL fits whole only without the QR code shows two pages in
+    # turn (`Screen.page`): the QR code and the code, then the URL and the code.
+    page: int = 0
+    pages: int = 1
 
 
 def render(screen: Screen, *, width: int, height: int, mode: str) -> Image.Image:
@@ -130,8 +135,18 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
         raise ValueError(f"a panel needs at least 1x1 pixels, got {width}x{height}")
     # The layout depends on whether there is a bar, not on its length.
     static = replace(screen, seconds_left=None,
-                     progress=None if screen.progress is None else 1.0)
+                     progress=None if screen.progress is None else 1.0, page=0)
     base, plan = _base(static, width, height, mode)
+    page, pages = 0, 1
+    if (static.kind == "code" and static.qr_data and plan.url_shortened
+            and width >= PAGED_MIN_SIZE[0] and height >= PAGED_MIN_SIZE[1]):
+        url_page = replace(static, qr_data=None)
+        url_base, url_plan = _base(url_page, width, height, mode)
+        if not url_plan.url_shortened:
+            pages = 2
+            page = screen.page % pages
+            if page == 1:
+                base, plan = url_base, url_plan
     image = base.copy()
     if plan.bar is not None and screen.progress is not None:
         from PIL import ImageDraw
@@ -139,7 +154,13 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
         _draw_bar(ImageDraw.Draw(image), plan.bar, screen.progress, _palette(mode))
     return Frame(image=image, qr=plan.qr, qr_omitted=plan.qr_omitted,
                  url_shortened=plan.url_shortened,
-                 text=tuple(line for placed in plan.blocks for line in placed.block.lines))
+                 text=tuple(line for placed in plan.blocks for line in placed.block.lines),
+                 page=page, pages=pages)
+
+
+# Panels of 128x64 and larger page a URL that does not fit beside the QR code; on
+# smaller ones the QR code is left out already and the URL has the screen.
+PAGED_MIN_SIZE = (128, 64)
 
 
 # -- colours -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ for README pictures.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -59,8 +59,10 @@ _CODE_LIFETIME: Final = 60.0
 
 
 def synthetic_screen(kind: str, *, uri: str = DEFAULT_URI, code: str = DEFAULT_CODE,
-                     name: str = DEFAULT_NAME, progress: float = 0.75) -> Screen:
-    """The screen of `kind` as the agent would build it, with made-up details."""
+                     name: str = DEFAULT_NAME, progress: float = 0.75, page: int = 0
+                     ) -> Screen:
+    """The screen of `kind` as the agent would build it, with made-up details, on
+    `page` (from 0) when the panel pages it."""
     from agent.display.screens import Screen, build_screen
     from agent.state import Phase, Snapshot
 
@@ -89,8 +91,8 @@ def synthetic_screen(kind: str, *, uri: str = DEFAULT_URI, code: str = DEFAULT_C
     if kind not in phases:
         raise ValueError(f"unknown screen {kind!r}; one of {', '.join(SCREENS)}")
     snapshot = Snapshot(device_name=name, **phases[kind])
-    return build_screen(snapshot, now_mono=_NOW_MONO, now_wall=_NOW_WALL,
-                        code_lifetime=_CODE_LIFETIME, tz=UTC)
+    return replace(build_screen(snapshot, now_mono=_NOW_MONO, now_wall=_NOW_WALL,
+                                code_lifetime=_CODE_LIFETIME, tz=UTC), page=page)
 
 
 def render_to_file(screen: Screen, out: Path, *, panel: Panel, scale: int = 1) -> str:
@@ -117,6 +119,8 @@ def render_to_file(screen: Screen, out: Path, *, panel: Panel, scale: int = 1) -
                  f"modules, quiet zone {qr.quiet_zone}")
     elif frame.qr_omitted:
         what += f"; no QR code: {frame.qr_omitted}"
+    if frame.pages > 1:
+        what += f"; page {frame.page + 1} of {frame.pages}"
     if frame.url_shortened:
         what += "; URL shortened to fit"
     return what
@@ -132,7 +136,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rotate", type=int, choices=(0, 1, 2, 3), default=0,
                         help="quarter turns, as the panel's rotate option: 1 and 3 swap "
                              "width and height")
-    parser.add_argument("--screen", choices=SCREENS, default="code")
+    parser.add_argument("--screen", choices=SCREENS, default="code",
+                        help="which screen to draw (default: code)")
+    parser.add_argument("--page", type=int, default=1, metavar="N",
+                        help="the page of a code screen whose URL does not fit beside the "
+                             "QR code: 1 the QR code, 2 the URL (default: 1)")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--uri", default=DEFAULT_URI,
                         help="verification_uri_complete (the part before ? is the URL "
@@ -159,8 +167,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     panel = PANELS[args.panel]
     if args.rotate % 2:
         panel = Panel(panel.height, panel.width, panel.mode)
+    if args.page < 1:
+        print("device-agent: --page counts from 1", file=sys.stderr)
+        return 2
     screen = synthetic_screen(args.screen, uri=args.uri, code=args.code, name=args.name,
-                              progress=args.progress)
+                              progress=args.progress, page=args.page - 1)
     try:
         print(render_to_file(screen, args.out, panel=panel, scale=args.scale))
     except OSError as exc:

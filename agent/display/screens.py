@@ -49,6 +49,13 @@ class Screen:
     seconds_left: int | None = None
     progress: float | None = None
     device_name: str | None = None
+    # Which page of a paged screen is showing: counted from the clock, so that a code
+    # screen whose URL does not fit beside the QR code can show each in turn.
+    page: int = 0
+
+
+# A page of a paged code screen shows this long: time to scan, or to read a URL.
+PAGE_SECONDS = 4.0
 
 
 # Shown once signed in for `display.blank_after`: panels switch off (OLED burn-in).
@@ -192,6 +199,10 @@ def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now
         left = snapshot.code_expires_at - now_wall
     # Rounded up, so "0" appears only once the code is really dead.
     seconds_left = max(0, math.ceil(left)) if left is not None else None
+    # Counted from the code's arrival where known, so the QR code's page comes first.
+    shown_for = (code_lifetime - left if left is not None and code_lifetime is not None
+                 else now_mono)
+    page = max(0, int(shown_for // PAGE_SECONDS))
     progress = None
     if left is not None and code_lifetime is not None and code_lifetime > 0:
         progress = min(1.0, max(0.0, left / code_lifetime))
@@ -216,6 +227,7 @@ def _code_screen(snapshot: Snapshot, device: str | None, *, now_mono: float, now
         seconds_left=seconds_left,
         progress=progress,
         device_name=device,
+        page=page,
     )
 
 
