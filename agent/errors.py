@@ -12,7 +12,8 @@ No message ever carries a token, a device code or a secret.
     │   ├── StoreCorrupt             the file does not parse; it is moved aside
     │   └── StoreTooNew              written by a newer device-agent: refused, kept
     ├── TransportError               no usable HTTP answer
-    │   ├── ConnectFailed            DNS, refused, unreachable, reset, dropped
+    │   ├── ConnectFailed            refused, unreachable, reset, dropped
+    │   │   └── NameNotResolved      the provider's host name does not resolve
     │   ├── RequestTimeout
     │   ├── TLSFailed                certificate or handshake trouble (never retried blindly)
     │   └── ResponseTooLarge
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidScope",
     "MalformedResponse",
     "MinTtlTooLong",
+    "NameNotResolved",
     "NotSignedIn",
     "OAuthError",
     "ProviderError",
@@ -124,6 +126,10 @@ class TransportError(AgentError):
 
 class ConnectFailed(TransportError):
     pass
+
+
+class NameNotResolved(ConnectFailed):
+    """The provider's host name does not resolve: DNS is down, or the name is wrong."""
 
 
 class RequestTimeout(TransportError):

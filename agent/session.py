@@ -31,9 +31,11 @@ from agent.errors import (
     AgentError,
     IllegalInput,
     MinTtlTooLong,
+    NameNotResolved,
     NotSignedIn,
     OAuthError,
     ProviderUnavailable,
+    TLSFailed,
     TransportError,
 )
 from agent.logs import fingerprint
@@ -70,7 +72,7 @@ from agent.oauth.flow import PollEvent
 from agent.oauth.tokens import check_id_token, userinfo_matches
 from agent.pacing import Backoff, CodeBudget
 from agent.sessionfile import PendingCode, PendingRevocation, SessionRecord
-from agent.state import Phase, Snapshot
+from agent.state import Cause, Phase, Snapshot
 from agent.store import Credentials
 
 __all__ = [
@@ -594,6 +596,10 @@ class Session:
                                         settings.refresh_retry_max, rng=self._rng)
         self._refresh_retry_at: float | None = None
         self._refresh_error: str | None = None
+        # What the last request met (set with each answer or failure), and what the
+        # sign-in's trouble was, for a screen that must not say "No network" wrongly.
+        self._cause = Cause.NETWORK
+        self._sign_in_cause = Cause.NETWORK
         # A refresh asked for before the endpoints were known (a restart with stored
         # credentials): it follows the discovery answer, and callers wait for both.
         self._refresh_after_discovery = False
@@ -1092,6 +1098,7 @@ class Session:
         if self.states[Region.SIGN_IN] == S.WAITING:
             self._wait_phase = Phase.CONFIG_ERROR if misconfigured else Phase.NO_NETWORK
             self._sign_in_error = reason
+            self._sign_in_cause = self._cause
         if self.credentials is not None and self._refresh_due_at_raw() is not None:
             self._refresh_error = reason
 
@@ -1217,6 +1224,7 @@ class Session:
         self._pause_until = self._now.mono + delay
         self._wait_phase = Phase.NO_NETWORK
         self._sign_in_error = reason
+        self._sign_in_cause = self._cause
         self._log(logging.WARNING, f"cannot get a code ({reason}); retrying in {delay:.0f} s")
 
     def _refused(self, error: OAuthError, what: str) -> None:
@@ -1630,9 +1638,12 @@ class Session:
     # -- answers -------------------------------------------------------------------
 
     def _answered(self, out: _Out, response: HttpResponse) -> None:
+        self._cause = Cause.PROVIDER
         self._dispatch(out, response, None)
 
     def _failed(self, out: _Out, error: TransportError) -> None:
+        self._cause = (Cause.NAME if isinstance(error, NameNotResolved)
+                       else Cause.TLS if isinstance(error, TLSFailed) else Cause.NETWORK)
         self._dispatch(out, None, str(error))
 
     def _dispatch(self, out: _Out, response: HttpResponse | None, error: str | None) -> None:
@@ -1705,7 +1716,9 @@ class Session:
                            code_lifetime=auth.expires_in)
         next_code = self._next_code_at()
         waiting = replace(base, next_code_at=None if next_code is None else now.wall_at(next_code),
-                          last_error=self._sign_in_error)
+                          last_error=self._sign_in_error,
+                          cause=self._sign_in_cause if self._wait_phase == Phase.NO_NETWORK
+                          else None)
         if signed:
             if self._refresh_error is not None:
                 return replace(base, phase=Phase.REFRESH_FAILING, last_error=self._refresh_error)

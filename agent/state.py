@@ -41,6 +41,16 @@ class Snapshot:
     code_lifetime: float | None = None   # the code's expires_in, for a countdown bar
     next_code_at: float | None = None
     last_error: str | None = None
+    # While waiting for the network (NO_NETWORK): what failed, so a screen says "No
+    # network" only when that is what it is.
+    cause: Cause | None = None
+
+
+class Cause(StrEnum):
+    NETWORK = "network"      # no connection, or no answer in time
+    NAME = "name"            # the provider's host name does not resolve
+    TLS = "tls"              # the connection's TLS failed (certificate, clock)
+    PROVIDER = "provider"    # the provider answered, with trouble (5xx, a web page)
 
 
 def clock_time(when: float) -> str:

@@ -17,7 +17,14 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from agent import __version__
-from agent.errors import ConnectFailed, RequestTimeout, ResponseTooLarge, TLSFailed, TransportError
+from agent.errors import (
+    ConnectFailed,
+    NameNotResolved,
+    RequestTimeout,
+    ResponseTooLarge,
+    TLSFailed,
+    TransportError,
+)
 from agent.oauth.models import HttpRequest, HttpResponse
 
 __all__ = ["Transport"]
@@ -95,6 +102,8 @@ class Transport:
         except TimeoutError:
             raise RequestTimeout(f"{_host(request.url)} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(getattr(exc, "os_error", None), socket.gaierror):
+                raise NameNotResolved(_connect_reason(request.url, exc)) from None
             raise ConnectFailed(_connect_reason(request.url, exc)) from None
 
     def _trust_fix(self) -> str:

@@ -956,3 +956,26 @@ async def test_a_refresh_without_a_refresh_token_says_so(
     with pytest.raises(ProviderUnavailable) as refused:
         await run.driver.refresh()
     assert "there is no refresh token" in str(refused.value)
+
+
+# Issue 10 item 10: "No network" only when the network is down.
+@pytest.mark.parametrize(("fault", "title"), [
+    ("name", "Name not found"), ("provider", "Provider trouble"), ("refused", "No network")])
+async def test_the_screen_says_what_kept_the_provider_away(
+        fault: str, title: str, provider: IdentityProvider, start_driver: StartDriver,
+        transport: Transport) -> None:
+    from agent.display.screens import build_screen
+
+    issuer = provider.issuer
+    if fault == "name":
+        issuer = "http://idp.invalid/application/o/device-agent/"
+    elif fault == "refused":
+        issuer = "http://127.0.0.1:9/application/o/device-agent/"  # discard: nobody listens
+    else:
+        provider.script("discovery", Fail(502), Fail(502), Fail(502))
+    run = await start_driver(issuer=issuer)
+    shown = await run.until(lambda s: s.phase == Phase.NO_NETWORK, max_seconds=600)
+    screen = build_screen(shown, now_mono=run.clock.monotonic(), now_wall=run.clock.time())
+    assert screen.title == title
+    if fault == "name":
+        assert "idp.invalid" in (shown.last_error or "")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from urllib.parse import urlsplit
 
-from agent.state import Phase, Snapshot
+from agent.state import Cause, Phase, Snapshot
 
 __all__ = [
     "BLANK_SCREEN",
@@ -78,6 +78,12 @@ def fatal_screen(problem: str) -> Screen:
 # Before the first sign-in request: TLS and token times need the wall clock.
 CLOCK_NOT_SET_SCREEN = Screen(kind="clock_not_set", title="Clock not set",
                               lines=("Waiting for network time", "(NTP) before signing in"))
+
+
+# "No network" only when that is what it is: a name that does not resolve, a TLS
+# failure and a provider in trouble are fixed elsewhere.
+_NO_ANSWER_TITLES: dict[Cause | None, str] = {
+    Cause.NAME: "Name not found", Cause.TLS: "TLS failed", Cause.PROVIDER: "Provider trouble"}
 
 
 def code_groups(code: str) -> tuple[str, ...]:
@@ -149,7 +155,8 @@ def build_screen(snapshot: Snapshot, *, now_mono: float, now_wall: float,
         case Phase.STARTING:
             return screen("starting", "Starting", "Please wait")
         case Phase.NO_NETWORK:
-            return screen("no_network", "No network", "Retrying...", snapshot.last_error)
+            return screen("no_network", _NO_ANSWER_TITLES.get(snapshot.cause, "No network"),
+                          "Retrying...", snapshot.last_error)
         case Phase.AWAITING_USER:
             return _code_screen(snapshot, device, now_mono=now_mono, now_wall=now_wall,
                                 code_lifetime=code_lifetime)
