@@ -185,6 +185,10 @@ async def test_128x32_ssd1306_shows_text_only_and_logs_why_once(
     notes = [r.getMessage() for r in caplog.records if "no room for a QR code" in r.getMessage()]
     assert len(notes) == 1
     assert "128x32" in notes[0]
+    # Issue 10 item 4: a device name left out for want of room is said, once.
+    dropped = [r.getMessage() for r in caplog.records
+               if "no room for the device name" in r.getMessage()]
+    assert len(dropped) == 1 and "Kitchen display" in dropped[0]
 
 
 @URIS

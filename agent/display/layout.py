@@ -116,6 +116,9 @@ class Frame:
     # turn (`Screen.page`): the QR code and the code, then the URL and the code.
     page: int = 0
     pages: int = 1
+    # A code screen with a device name that found no room for it: said once by the
+    # panel, so a name left out is never left out silently.
+    name_omitted: bool = False
 
 
 def render(screen: Screen, *, width: int, height: int, mode: str) -> Image.Image:
@@ -155,7 +158,9 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
     return Frame(image=image, qr=plan.qr, qr_omitted=plan.qr_omitted,
                  url_shortened=plan.url_shortened,
                  text=tuple(line for placed in plan.blocks for line in placed.block.lines),
-                 page=page, pages=pages)
+                 page=page, pages=pages,
+                 name_omitted=(static.kind == "code" and bool(static.device_name)
+                               and not any(p.block.kind == "name" for p in plan.blocks)))
 
 
 # Panels of 128x64 and larger page a URL that does not fit beside the QR code; on

@@ -350,6 +350,10 @@ class LumaDisplay:
             self._logged_omissions.add(frame.qr_omitted)
             log.info("%s: %s; showing the URL and code as text", self._description,
                      frame.qr_omitted)
+        if frame.name_omitted and "name" not in self._logged_omissions:
+            self._logged_omissions.add("name")
+            log.info("%s: no room for the device name (%s) beside the code; it is in the "
+                     "status and the log", self._description, screen.device_name)
         image = frame.image
         return image if image.mode == device.mode else image.convert(device.mode)
 
