@@ -75,6 +75,10 @@ TEXT_MIN: Final = 9
 # a small code beats a missing one.
 CODE_LAST_RESORT: Final = tuple(range(CODE_MIN - 1, 5, -1))
 URL_MAX_LINES: Final = 3
+# Without a QR code beside it (a URL page, a panel too small for one) the URL has the
+# screen to itself and may wrap further, so a long host on a narrow portrait panel is
+# still read whole.
+URL_ALONE_MAX_LINES: Final = 7
 # An ellipsized URL must still show this much of itself, or it is not worth a line.
 URL_MIN_VISIBLE: Final = 10
 ELLIPSIS: Final = "..."
@@ -142,7 +146,7 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
     base, plan = _base(static, width, height, mode)
     page, pages = 0, 1
     if (static.kind == "code" and static.qr_data and plan.url_shortened
-            and width >= PAGED_MIN_SIZE[0] and height >= PAGED_MIN_SIZE[1]):
+            and width * height >= PAGED_MIN_PIXELS):
         url_page = replace(static, qr_data=None)
         url_base, url_plan = _base(url_page, width, height, mode)
         if not url_plan.url_shortened:
@@ -163,9 +167,9 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
                                and not any(p.block.kind == "name" for p in plan.blocks)))
 
 
-# Panels of 128x64 and larger page a URL that does not fit beside the QR code; on
-# smaller ones the QR code is left out already and the URL has the screen.
-PAGED_MIN_SIZE = (128, 64)
+# Panels of 128x64 and larger, portrait or landscape, page a URL that does not fit
+# beside the QR code; on smaller ones the QR code is left out already.
+PAGED_MIN_PIXELS = 128 * 64
 
 
 # -- colours -------------------------------------------------------------------------
@@ -377,12 +381,12 @@ def _longest_prefix(ts: _Type, text: str, size: int, width: int, suffix: str = "
 
 @functools.lru_cache(maxsize=4096)
 def _url_block(ts: _Type, url: str, size: int, width: int, *,
-               allow_ellipsis: bool) -> _Block | None:
+               allow_ellipsis: bool, max_lines: int = URL_MAX_LINES) -> _Block | None:
     """The URL wrapped on up to URL_MAX_LINES lines; or, with `allow_ellipsis`, on one
     line, cut short with an ellipsis if it must be."""
     lines = _pack(ts, _url_pieces(url), size, width, "")
     if lines is not None and (len(lines) == 1 or (not allow_ellipsis
-                                                  and len(lines) <= URL_MAX_LINES)):
+                                                  and len(lines) <= max_lines)):
         return _block(ts, "url", tuple(lines), size, tight=False)
     if not allow_ellipsis:
         return None
@@ -480,6 +484,7 @@ class _Content:
     url: str
     name: str
     bar: bool
+    url_lines: int = URL_MAX_LINES
 
 
 @dataclass(frozen=True)
@@ -530,7 +535,8 @@ def _fit_text(ts: _Type, slots: _Slots, content: _Content, *, gap: int, bar_heig
                     if not content.url:
                         continue
                     block = _url_block(ts, content.url, url_size, region.w,
-                                       allow_ellipsis=allow_ellipsis)
+                                       allow_ellipsis=allow_ellipsis,
+                                       max_lines=content.url_lines)
                     if block is not None and block.kind == "url_cut":
                         url_whole = False
                 elif kind == "name":
@@ -683,6 +689,7 @@ def _plan_code(ts: _Type, screen: Screen, width: int, height: int) -> _Plan:
                        f"(it needs {need}x{need} px at 1 px a module)")
     slots: _Slots = ((_Rect(0, 0, width, height), ("name", "url", "code", "bar")),)
     code_sizes, url_sizes = _code_sizes(width, height), _url_sizes(width, height)
+    content = replace(content, url_lines=URL_ALONE_MAX_LINES)
     fit = (_fit_text(ts, slots, content, gap=gap, bar_height=bar_height,
                      code_sizes=code_sizes, url_sizes=url_sizes)
            or _fit_text(ts, slots, content, gap=gap, bar_height=bar_height,
