@@ -308,11 +308,17 @@ def _show_status(body: dict[str, Any], socket_path: Path) -> None:
 
     now = time.time()
 
+    # What the agent reports comes partly from the provider and the config (an error
+    # text, a device name): a control character in it must not move the cursor or
+    # start a line of its own on the terminal.
+    def printable(value: object) -> str:
+        return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(value))
+
     def line(label: str, value: object) -> None:
-        print(f"{label + ':':<15}{value}")
+        print(f"{label + ':':<15}{printable(value)}")
 
     def more(value: object) -> None:
-        print(f"{'':<15}{value}")
+        print(f"{'':<15}{printable(value)}")
 
     state = str(body.get("state"))
     meaning = _STATE_MEANING.get(state)

@@ -688,9 +688,15 @@ _OLD_BUTTON_KEYS: Final = {"button_pin": "pin", "button_hold": "hold",
 
 def _move_old_button_keys(config: AgentConfig, key: str) -> AgentConfig:
     options = config.display.options
-    old = [name for name in _OLD_BUTTON_KEYS if name in options]
+    # A null meant the default there, and a null pin no button at all.
+    old = [name for name in _OLD_BUTTON_KEYS if options.get(name) is not None]
     if not old:
-        return config
+        rest = {name: value for name, value in options.items()
+                if name not in _OLD_BUTTON_KEYS}
+        if len(rest) == len(options):
+            return config
+        return dataclasses.replace(
+            config, display=dataclasses.replace(config.display, options=MappingProxyType(rest)))
     if config.button != ButtonConfig():
         raise ConfigError(f"display.options.{old[0]}",
                           f"is the old place of button.{_OLD_BUTTON_KEYS[old[0]]}, which "
@@ -831,8 +837,14 @@ def _key_lines(root: yaml.Node) -> dict[str, int]:
     not recursion: the document may be nested deeper than Python's stack."""
     found: dict[str, int] = {}
     pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    # An alias is the node of its anchor again: walked once, or a recursive alias
+    # (x: &a [*a]) never ends and a "billion laughs" document grows without bound.
+    seen: set[int] = set()
     while pending:
         node, prefix = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode):
@@ -853,6 +865,9 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode,
                           deep: bool = False) -> dict[Hashable, Any]:
+        # Merge keys (<<: *defaults) first, as SafeLoader does, so "<<" is not read as
+        # a key of its own.
+        self.flatten_mapping(node)
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

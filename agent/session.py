@@ -35,6 +35,7 @@ from agent.errors import (
     NotSignedIn,
     OAuthError,
     ProviderUnavailable,
+    ResponseTooLarge,
     TLSFailed,
     TransportError,
 )
@@ -1643,7 +1644,10 @@ class Session:
 
     def _failed(self, out: _Out, error: TransportError) -> None:
         self._cause = (Cause.NAME if isinstance(error, NameNotResolved)
-                       else Cause.TLS if isinstance(error, TLSFailed) else Cause.NETWORK)
+                       else Cause.TLS if isinstance(error, TLSFailed)
+                       # It answered, with more than the cap: not the network.
+                       else Cause.PROVIDER if isinstance(error, ResponseTooLarge)
+                       else Cause.NETWORK)
         self._dispatch(out, None, str(error))
 
     def _dispatch(self, out: _Out, response: HttpResponse | None, error: str | None) -> None:

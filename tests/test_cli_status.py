@@ -190,3 +190,15 @@ def test_every_command_and_option_has_help() -> None:
                for path, action in _every_option(build_parser())
                if not action.help or action.help == argparse.SUPPRESS}
     assert missing <= HELP_STILL_MISSING, sorted(missing - HELP_STILL_MISSING)
+
+
+def test_status_text_from_the_provider_cannot_move_the_terminals_cursor(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import _show_status
+
+    _show_status({"state": "no_network", "device_name": "Hall\x1b[2J",
+                  "last_error": "refused\nsigned in as root", "version": "0"},
+                 Path("/run/device-agent/agent.sock"))
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\nsigned in as root" not in out
+    assert "refused\\x0asigned in as root" in out

@@ -811,3 +811,46 @@ def test_the_example_config_holds_the_real_defaults(monkeypatch: pytest.MonkeyPa
         return [] if a == b else [key]
 
     assert differences(example, defaults) == []
+
+
+@pytest.mark.parametrize("options", [
+    "{button_pin: 17, button_hold: null}",          # the default 5 s
+    "{button_pin: null, button_hold: null}",        # no button
+    "{button_pin: null, button_pull_up: null}",     # no button
+])
+def test_old_button_keys_holding_nulls_still_load(tmp_path: Path, options: str) -> None:
+    # A config that started before the button: section must start after it.
+    config = load_config(write(tmp_path / "c.yaml", f"provider:\n  issuer: {ISSUER}\n"
+                               f"  client_id: c\ndisplay: {{type: console, options: {options}}}\n"))
+    assert config.button.pin == (17 if "17" in options else None)
+    assert not any(name.startswith("button_") for name in config.display.options)
+
+
+def test_a_recursive_alias_or_an_alias_bomb_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    import signal
+
+    def took_too_long(*_: object) -> None:
+        raise AssertionError("the line-number walk followed the aliases for ever")
+
+    previous = signal.signal(signal.SIGALRM, took_too_long)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ConfigError):
+            load_config(write(tmp_path / "c.yaml", f"provider:\n  issuer: {ISSUER}\n"
+                              "  client_id: c\nx: &a [*a]\n"))
+        bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n"
+            for i in range(7))
+        with pytest.raises(ConfigError):
+            load_config(write(tmp_path / "bomb.yaml", bomb))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_merge_key_is_read_as_yaml_means_it(tmp_path: Path) -> None:
+    text = (f"x-common: &p\n  client_id: merged\n"
+            f"provider:\n  <<: *p\n  issuer: {ISSUER}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path / "c.yaml", text))
+    assert [e.key for e in caught.value.errors] == ["x-common"]  # only the unknown section

@@ -445,3 +445,18 @@ def test_pages_turn_every_few_seconds_from_the_codes_arrival() -> None:
 
     assert page_at(0) == 0 and page_at(PAGE_SECONDS - 0.1) == 0
     assert page_at(PAGE_SECONDS) == 1 and page_at(2 * PAGE_SECONDS) == 2
+
+
+def test_zeros_are_slashed_in_a_stacked_group_of_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "0000ABCD" stacks as "0000" / "ABCD" on 128x64: the first line alone holds no
+    # letter, and its zeros are those of a code that has O's beside them.
+    slashed: list[str] = []
+    monkeypatch.setattr(layout, "_slash_zeros", lambda ts, draw, line, *rest: slashed.append(line))
+    compose(code_screen(code="0000ABCD"), width=128, height=64, mode="1")
+    assert any("0000" in line for line in slashed), slashed
+
+
+@pytest.mark.parametrize(("width", "height"), [(64, 128), (32, 128)])
+def test_a_code_with_its_own_dash_is_stacked_not_left_out(width: int, height: int) -> None:
+    frame = compose(code_screen(code="WDJB-MJHT"), width=width, height=height, mode="1")
+    assert "WDJB-" in frame.text and "MJHT" in frame.text

@@ -854,7 +854,8 @@ def _base(screen: Screen, width: int, height: int, mode: str) -> tuple[Image.Ima
             colour = palette.dim
         elif placed.block.kind == "title":
             colour = palette.accents.get(screen.kind, palette.ink)
-        _draw_block(ts, draw, placed, colour)
+        _draw_block(ts, draw, placed, colour,
+                    slash_zeros=_mixes_letters_and_digits(screen.user_code or ""))
     if plan.bar is not None and palette.track is not None:
         bar = plan.bar
         draw.rectangle((bar.x, bar.y, bar.x + bar.w - 1, bar.y + bar.h - 1), fill=palette.track)
@@ -879,7 +880,10 @@ def _draw_qr(image: Image.Image, qr: QrPlacement, matrix: QrMatrix, palette: _Pa
                                top + offset + side), mask)
 
 
-def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: Colour) -> None:
+def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: Colour, *,
+                slash_zeros: bool = False) -> None:
+    """`slash_zeros`: decided from the whole code, since a group stacked on its own
+    line ("0000") may hold no letter."""
     block = placed.block
     font = _font(block.size)
     y = placed.y
@@ -890,7 +894,7 @@ def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: C
             top, bottom = line_top, line_bottom
         x = placed.x + (placed.w - (right - left)) // 2 - left
         draw.text((x, y - top), line, font=font, fill=colour)
-        if block.kind == "code" and _mixes_letters_and_digits(line):
+        if block.kind == "code" and slash_zeros:
             _slash_zeros(ts, draw, line, block.size, x, y - top, colour)
         y += bottom - top + _line_gap(block.size)
 

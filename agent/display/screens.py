@@ -98,6 +98,11 @@ def code_groups(code: str) -> tuple[str, ...]:
             return (code[:3], code[3:6], code[6:])
         if len(code) == 8:
             return (code[:4], code[4:])
+    if "-" in code.strip("-"):
+        # A code issued with its own dashes ("WDJB-MJHT") breaks after them, so a
+        # narrow panel can stack it; the dashes stay, being part of what is typed.
+        parts = code.split("-")
+        return (*(f"{part}-" for part in parts[:-1]), parts[-1])
     return (code,)
 
 
