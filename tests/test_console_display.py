@@ -732,3 +732,23 @@ def test_qr_matrix_of_a_lower_level_still_decodes() -> None:
     matrix = qr_matrix(HUNDRED, max_modules=41)
     assert matrix.error_correction in {"L", "M"}
     assert scan_matrix(matrix) == [HUNDRED]
+
+
+async def test_log_lines_after_the_terminal_narrows_do_not_repeat_the_block(
+        agent_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal(80, 24)
+    try:
+        log_to(terminal.err, monkeypatch)
+        display = on_terminal(terminal)
+        await display.start()
+        await display.show(Screen(kind="waiting", title="Provider trouble",
+                                  lines=("HTTP 503 from auth.example.org: " + "x" * 40,
+                                         "Next try at 12:05 " + "y" * 50)))
+        terminal.lines()
+        terminal.resize(40, 24)
+        for n in range(3):
+            agent_logger.info("line %d", n)
+        lines = terminal.lines() + terminal.scrolled_off()
+        assert sum("Provider trouble" in line for line in lines) == 1, "\n".join(lines)
+    finally:
+        terminal.close()

@@ -120,6 +120,7 @@ class ConsoleDisplay:
         # The countdown text while it is the block's last line (and can be rewritten).
         self._countdown: str | None = None
         self._size: tuple[int, int] = _DEFAULT_SIZE
+        self._shown: Screen | None = None  # the block's screen, to lay it out again
 
     async def start(self) -> None:
         # Draw in full: whatever is on the terminal now is not ours to erase.
@@ -128,6 +129,7 @@ class ConsoleDisplay:
 
     async def show(self, screen: Screen) -> None:
         with self._lock:
+            self._shown = screen
             # Pages are for pixel panels: the terminal shows the QR code and the URL.
             key = replace(screen, seconds_left=None, progress=None, page=0)
             if key == self._drawn:
@@ -174,6 +176,12 @@ class ConsoleDisplay:
             finally:
                 with contextlib.suppress(Exception):
                     stream.flush()
+                size = self._terminal_size()
+                if size != self._size and self._shown is not None:
+                    # Laid out for a terminal since resized, its lines would wrap into
+                    # more rows than the next erase goes up, and copies would pile up.
+                    self._size = size
+                    self._block = self._terminal_block(self._shown)
                 self._quietly(self._render())
 
     # -- the live block ----------------------------------------------------------------
