@@ -460,3 +460,11 @@ def test_zeros_are_slashed_in_a_stacked_group_of_digits(monkeypatch: pytest.Monk
 def test_a_code_with_its_own_dash_is_stacked_not_left_out(width: int, height: int) -> None:
     frame = compose(code_screen(code="WDJB-MJHT"), width=width, height=height, mode="1")
     assert "WDJB-" in frame.text and "MJHT" in frame.text
+
+
+@pytest.mark.parametrize(("width", "height"), [(64, 128), (128, 64)])
+def test_a_long_code_of_no_known_shape_is_stacked_in_pieces_not_left_out(
+        width: int, height: int) -> None:
+    code = "ABCDEFGHJKLMNPQRSTUV"
+    frame = compose(code_screen(code=code), width=width, height=height, mode="1")
+    assert code in "".join(frame.text), frame.text

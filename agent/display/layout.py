@@ -314,6 +314,14 @@ def _code_block(ts: _Type, code: str, size: int, width: int) -> _Block | None:
     groups = _code_groups(code)
     if len(groups) > 1 and all(ts.width(group, size) <= width for group in groups):
         return _block(ts, "code", groups, size, tight=True)
+    if len(groups) == 1 and len(code) > 4:
+        # A long code of no known shape (20 characters, say) on a narrow panel: cut in
+        # even pieces, stacked, rather than left out. Nothing is added to it.
+        for pieces in range(2, len(code) // 3 + 1):
+            step = -(-len(code) // pieces)
+            chunks = tuple(code[i:i + step] for i in range(0, len(code), step))
+            if all(ts.width(chunk, size) <= width for chunk in chunks):
+                return _block(ts, "code", chunks, size, tight=True)
     return None
 
 
