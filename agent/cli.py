@@ -305,20 +305,18 @@ def _local(rfc3339: str, now: float) -> str:
 
 def _show_status(body: dict[str, Any], socket_path: Path) -> None:
     from agent.display.screens import typing_hint
+    from agent.logs import escape_controls
 
     now = time.time()
 
     # What the agent reports comes partly from the provider and the config (an error
     # text, a device name): a control character in it must not move the cursor or
-    # start a line of its own on the terminal.
-    def printable(value: object) -> str:
-        return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(value))
-
+    # start a line of its own, on the terminal as in the log.
     def line(label: str, value: object) -> None:
-        print(f"{label + ':':<15}{printable(value)}")
+        print(f"{label + ':':<15}{escape_controls(str(value))}")
 
     def more(value: object) -> None:
-        print(f"{'':<15}{printable(value)}")
+        print(f"{'':<15}{escape_controls(str(value))}")
 
     state = str(body.get("state"))
     meaning = _STATE_MEANING.get(state)

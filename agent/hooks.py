@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
-from agent.logs import fingerprint
+from agent.logs import fingerprint, looks_like_a_token
 
 __all__ = ["HOOK_ENVIRONMENT", "HOOK_EVENTS", "Hook", "HookRunner", "hook_environment", "redact"]
 
@@ -73,7 +73,6 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){1,4}")
 # A long run of base64 (either alphabet) or hex; it must mix letters and digits, so a
 # row of dashes or a long word is not taken for a secret.
 _LONG_RUN = re.compile(r"[A-Za-z0-9+/_~-]{32,}=*")
-_DIGIT, _LETTER = re.compile(r"[0-9]"), re.compile(r"[A-Za-z]")
 # A value under a name that says it is secret, as a hook shows it when it prints one of
 # the agent's files or its environment: JSON (credentials.json, session.json), YAML
 # (config.yaml) or NAME=value. Device codes and many client secrets hold punctuation, so
@@ -146,7 +145,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
     def run(match: re.Match[str]) -> str:
         found = match.group(0)
-        return "[redacted]" if _DIGIT.search(found) and _LETTER.search(found) else found
+        return "[redacted]" if looks_like_a_token(found) else found
 
     return _LONG_RUN.sub(run, text)
 

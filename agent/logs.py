@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol, TextIO
 
-__all__ = ["LEVELS", "LiveArea", "attach_live_area", "detach_live_area", "fingerprint",
-           "setup_logging"]
+__all__ = ["LEVELS", "LiveArea", "attach_live_area", "detach_live_area", "escape_controls",
+           "fingerprint", "looks_like_a_token", "setup_logging"]
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -59,12 +59,17 @@ def _priority(levelno: int) -> int:
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0a, 0x20), 0x7f)}
 
 
+def escape_controls(text: str) -> str:
+    """`text` as one line of a log or a terminal: control characters as \\xNN."""
+    return text.translate(_CONTROLS)
+
+
 class _OneLineFormatter(logging.Formatter):
     """The message stays one line: control characters in it are escaped. Tracebacks,
     appended after it, keep their line breaks."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).translate(_CONTROLS)
+        return escape_controls(super().formatMessage(record))
 
 
 class _JournalFormatter(_OneLineFormatter):
@@ -181,6 +186,13 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None,
             old.close()
     logger.addHandler(handler)
     logger.setLevel(numeric)
+
+
+def looks_like_a_token(run: str) -> bool:
+    """A long run of token characters is taken for a secret when it mixes letters and
+    digits: words, paths and registered error codes (insufficient_user_authentication)
+    have no digits."""
+    return any(ch.isdigit() for ch in run) and any(ch.isalpha() for ch in run)
 
 
 def fingerprint(secret: str | None) -> str:

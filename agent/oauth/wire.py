@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any
 
 from agent.errors import InvalidClient, MalformedResponse, OAuthError, oauth_error
+from agent.logs import looks_like_a_token
 from agent.oauth.models import Client, HttpRequest, HttpResponse, TokenSet
 
 __all__ = [
@@ -174,12 +175,10 @@ def parse_error(response: HttpResponse, *, sent: Iterable[str | None] = ()
 
 # Some providers echo the token they were sent ("Invalid refresh token: <value>", as
 # spring-security-oauth2 does), and the text goes on to the log, the status and the
-# screen. A run this long that mixes letters and digits is taken for a token (words
-# and registered error codes such as insufficient_user_authentication have no
-# digits); a UUID, a provider's trace id, is kept for whoever asks its support.
+# screen. A run this long is judged as hooks' output is (`looks_like_a_token`); a UUID,
+# a provider's trace id, is kept for whoever asks its support.
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9._~+/=%-]{24,}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-_DIGIT, _LETTER = re.compile(r"[0-9]"), re.compile(r"[A-Za-z]")
 
 
 # Shorter "secrets" (a test's device code "d") would cut words apart; real ones are long.
@@ -196,7 +195,7 @@ def _redacted(text: str, sent: Iterable[str | None]) -> str:
 
     def run(match: re.Match[str]) -> str:
         found = match.group()
-        if _UUID.fullmatch(found) or not (_DIGIT.search(found) and _LETTER.search(found)):
+        if _UUID.fullmatch(found) or not looks_like_a_token(found):
             return found
         return "[redacted]"
 
