@@ -688,15 +688,14 @@ _OLD_BUTTON_KEYS: Final = {"button_pin": "pin", "button_hold": "hold",
 
 def _move_old_button_keys(config: AgentConfig, key: str) -> AgentConfig:
     options = config.display.options
+    rest = {name: value for name, value in options.items() if name not in _OLD_BUTTON_KEYS}
+    if len(rest) == len(options):
+        return config
+    display = dataclasses.replace(config.display, options=MappingProxyType(rest))
     # A null meant the default there, and a null pin no button at all.
     old = [name for name in _OLD_BUTTON_KEYS if options.get(name) is not None]
     if not old:
-        rest = {name: value for name, value in options.items()
-                if name not in _OLD_BUTTON_KEYS}
-        if len(rest) == len(options):
-            return config
-        return dataclasses.replace(
-            config, display=dataclasses.replace(config.display, options=MappingProxyType(rest)))
+        return dataclasses.replace(config, display=display)
     if config.button != ButtonConfig():
         raise ConfigError(f"display.options.{old[0]}",
                           f"is the old place of button.{_OLD_BUTTON_KEYS[old[0]]}, which "
@@ -709,10 +708,7 @@ def _move_old_button_keys(config: AgentConfig, key: str) -> AgentConfig:
     logging.getLogger(__name__).warning(
         "read %s; write them in the button: section instead (button: {pin: 17, hold: 5s})",
         moved)
-    rest = {name: value for name, value in options.items() if name not in _OLD_BUTTON_KEYS}
-    return dataclasses.replace(
-        config, button=ButtonConfig(**values),
-        display=dataclasses.replace(config.display, options=MappingProxyType(rest)))
+    return dataclasses.replace(config, button=ButtonConfig(**values), display=display)
 
 
 _STORAGE = _Section(StorageConfig, {
