@@ -107,15 +107,11 @@ def test_128x32_shows_the_url_and_code_as_text_and_says_why_there_is_no_qr(uri: 
     assert decode(frame.image) == []
     assert frame.image.getbbox() is not None
     assert "123 456 789" in frame.text
-    shown = "".join(frame.text)
-    if uri == AUTHENTIK:
-        assert "auth.example.com/device" in frame.text
-        assert not frame.url_shortened
-    else:
-        # Longer URLs do not fit 128 pixels at a legible size: the start is shown.
-        assert frame.url_shortened
-        assert any(line.endswith("...") for line in frame.text)
-        assert uri.split("//")[1][:10] in shown
+    # Without a QR code the URL is the only way in: it is shown whole, wrapped, even
+    # the long ones, in the small bitmap font made for these sizes.
+    assert not frame.url_shortened
+    assert uri.split("//")[1].split("?")[0] == "".join(
+        line for line in frame.text if line != "123 456 789" and line != "Kitchen display")
 
 
 def test_data_too_long_for_any_qr_code_falls_back_to_text() -> None:
@@ -173,11 +169,36 @@ def test_qr_is_dark_on_light_inside_a_light_quiet_zone(width: int, height: int,
     assert image.getpixel((corner[0] + 3 * step, corner[1] + 3 * step)) != light
 
 
-def test_error_correction_is_the_highest_that_fits_without_costing_the_url() -> None:
-    # On 256x64 the URL fits whole beside any symbol: the strongest level wins.
-    frame = compose(code_screen(), width=256, height=64, mode="L")
-    assert frame.qr is not None and not frame.url_shortened
-    assert (frame.qr.version, frame.qr.error_correction) == (6, "H")
+@pytest.mark.parametrize(("width", "height", "mode"), QR_GEOMETRIES,
+                         ids=[f"{w}x{h}-{m}" for w, h, m in QR_GEOMETRIES])
+def test_error_correction_is_the_highest_that_fits_without_costing_the_url(
+        width: int, height: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stronger level is given up only for what ranks above it: the URL whole, a
+    # larger quiet zone, a larger code. Offered only the stronger levels, the layout
+    # must lose one of those.
+    chosen = compose(code_screen(), width=width, height=height, mode=mode)
+    assert chosen.qr is not None
+    rank = "LMQH".index
+    options = layout._qr_options(AUTHENTIK)
+    stronger = tuple(option for option in options
+                     if rank(option.level) > rank(chosen.qr.error_correction))
+    if not stronger:
+        assert chosen.qr.error_correction == "H"
+        return
+    monkeypatch.setattr(layout, "_qr_options", lambda data: stronger)
+    layout._base.cache_clear()
+    forced = compose(code_screen(), width=width, height=height, mode=mode)
+
+    def code_extent(frame: Frame) -> tuple[int, int]:
+        return max((bottom - top, right - left)
+                   for line, (left, top, right, bottom) in zip(frame.text, frame.boxes,
+                                                               strict=True)
+                   if line.replace(" ", "").isdigit())
+
+    assert (forced.qr is None or forced.url_shortened > chosen.url_shortened
+            or forced.qr.quiet_zone < chosen.qr.quiet_zone
+            or code_extent(forced) < code_extent(chosen)
+            or forced.qr.module_size < chosen.qr.module_size)
 
 
 def test_without_a_quiet_zone_the_frame_does_not_decode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -395,7 +416,7 @@ def test_bitmap_font_fallback_without_freetype(monkeypatch: pytest.MonkeyPatch) 
     bitmap = ImageFont.load_default_imagefont()
     monkeypatch.setattr(layout, "_font", lambda size: bitmap)
     monkeypatch.setattr(layout, "_scalable", lambda: False)
-    monkeypatch.setattr(layout, "_type", lambda mode: layout._Type(mode == "1"))
+    monkeypatch.setattr(layout, "_TYPE", layout._Type())
     screen = dataclasses.replace(code_screen(), device_name="Küche \u2603")
     frame: Frame = compose(screen, width=256, height=64, mode="L")
     assert decode(frame.image) == [AUTHENTIK]
@@ -468,3 +489,14 @@ def test_a_long_code_of_no_known_shape_is_stacked_in_pieces_not_left_out(
     code = "ABCDEFGHJKLMNPQRSTUV"
     frame = compose(code_screen(code=code), width=width, height=height, mode="1")
     assert code in "".join(frame.text), frame.text
+
+
+@pytest.mark.parametrize("uri", [AUTHENTIK, LONGER_HOST], ids=["authentik", "longer-host"])
+@pytest.mark.parametrize("kind", ["code", *KINDS])
+def test_128x128_mono_grey_and_colour_panels_share_one_layout(uri: str, kind: str) -> None:
+    # Issue 10 item 7: an SH1107 (1-bit), an SSD1327 (grey) and an SSD1351 (colour)
+    # of one size place every line and the QR code alike.
+    screen = code_screen(uri) if kind == "code" else text_screen(kind)
+    frames = [compose(screen, width=128, height=128, mode=mode) for mode in layout.MODES]
+    placed = {(frame.text, frame.boxes, frame.qr, frame.pages) for frame in frames}
+    assert len(placed) == 1, placed

@@ -36,15 +36,21 @@ any QR code), the screen shows the URL and the code only, and `Frame.qr_omitted`
 why, so the caller can log it once. Module sizes below 1 pixel are never used.
 
 Text is set in Pillow's built-in scalable font (Aileron, Pillow >= 10.1 built with
-FreeType), which ships inside every Pillow wheel, so pictures look the same on every
-machine; without FreeType, Pillow's small bitmap font is used at a single size.
+FreeType), which ships inside every Pillow wheel, and below 11 pixels in X11's
+misc-fixed bitmap fonts (shipped in agent/data/fonts), so pictures look the same on
+every machine; without FreeType, Pillow's small bitmap font is used at a single size.
+Glyphs are placed one by one with a blank column between neighbours, and text is
+measured alike for every colour mode, so panels of one size but different colour
+share one layout (tests/test_legibility.py reads the text back with OCR).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from agent.display.screens import Screen
@@ -68,7 +74,8 @@ QUIET_ZONES: Final = (4, 3, 2)
 # matters on framebuffers (an 800x480 HDMI screen), never on an OLED.
 MAX_MODULE: Final = 8
 # The smallest font sizes (pixels per em) read from arm's length on a 0.96" panel.
-# Aileron's digits are about 0.72 em tall: a size-12 code is 9 px high.
+# Aileron's digits are about 0.72 em tall: a size-12 code is 9 px high; sizes 9 and 10
+# are the 5x8 and 6x10 bitmap strikes.
 CODE_MIN: Final = 12
 TEXT_MIN: Final = 9
 # Below CODE_MIN only when no QR code is drawn and the code would not fit otherwise:
@@ -78,7 +85,7 @@ URL_MAX_LINES: Final = 3
 # Without a QR code beside it (a URL page, a panel too small for one) the URL has the
 # screen to itself and may wrap further, so a long host on a narrow portrait panel is
 # still read whole.
-URL_ALONE_MAX_LINES: Final = 7
+URL_ALONE_MAX_LINES: Final = 10
 # An ellipsized URL must still show this much of itself, or it is not worth a line.
 URL_MIN_VISIBLE: Final = 10
 ELLIPSIS: Final = "..."
@@ -116,6 +123,9 @@ class Frame:
     qr_omitted: str | None = None
     url_shortened: bool = False
     text: tuple[str, ...] = ()
+    # Where each line of `text` was drawn: its ink's box (left, top, right, bottom),
+    # right and bottom exclusive.
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
     # A code screen whose URL fits whole only without the QR code shows two pages in
     # turn (`Screen.page`): the QR code and the code, then the URL and the code.
     page: int = 0
@@ -162,6 +172,8 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
     return Frame(image=image, qr=plan.qr, qr_omitted=plan.qr_omitted,
                  url_shortened=plan.url_shortened,
                  text=tuple(line for placed in plan.blocks for line in placed.block.lines),
+                 boxes=tuple(line.box for placed in plan.blocks
+                             for line in _lines(_TYPE, placed)),
                  page=page, pages=pages,
                  name_omitted=(static.kind == "code" and bool(static.device_name)
                                and not any(p.block.kind == "name" for p in plan.blocks)))
@@ -169,7 +181,7 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
 
 # Panels of 128x64 and larger, portrait or landscape, page a URL that does not fit
 # beside the QR code; on smaller ones the QR code is left out already.
-PAGED_MIN_PIXELS = 128 * 64
+PAGED_MIN_PIXELS = 96 * 64
 
 
 # -- colours -------------------------------------------------------------------------
@@ -215,10 +227,23 @@ def _palette(mode: str) -> _Palette:
 # -- fonts and measuring ---------------------------------------------------------------
 
 
+# Below this size Pillow's Aileron, hinted to 1 bit, runs glyphs together or blurs
+# them ('a' like '8'), and moved apart it no longer fits a 128-pixel line: text that
+# small is set in bitmap fonts drawn for those pixel sizes (X11's misc-fixed, public
+# domain; agent/data/fonts/README), where every glyph keeps a blank column already.
+_STRIKES: Final = {8: "5x8", 9: "5x8", 10: "6x10"}
+_FONTS: Final = Path(__file__).resolve().parent.parent / "data" / "fonts"
+
+
 @functools.cache
 def _font(size: int) -> Font:
     from PIL import ImageFont
 
+    if size in _STRIKES:
+        strike = _STRIKES[size]
+        with contextlib.suppress(OSError):  # a FreeType built without PCF support
+            return ImageFont.truetype(str(_FONTS / f"{strike}.pcf.gz"),
+                                      int(strike.split("x")[1]))
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: no scalable built-in font
@@ -241,22 +266,77 @@ def _clean(text: str) -> str:
     return cleaned
 
 
+@dataclass(frozen=True)
+class _Glyph:
+    # Ink, from the draw origin; empty (left == right) for a space.
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+
 class _Type:
-    """Measures text as it will be drawn. FreeType hints glyphs differently for 1-bit
-    output than for anti-aliased output, so monochrome text is wider, and fitting
-    must measure in the panel's own way."""
+    """Measures and places text the same way for every colour mode, so a 128x128 mono
+    panel and a colour one choose the same layout.
 
-    def __init__(self, mono: bool) -> None:
-        self.mode = "1" if mono else "L"
+    Characters are placed one by one: FreeType hints small sizes so that neighbours
+    touch ("12:05" ran together on 128x32), so a glyph is moved right until a blank
+    column parts its ink from the last glyph's. A glyph's ink is measured as both 1-bit
+    and anti-aliased output draw it (hinting differs, and 1-bit is usually wider), and
+    the union is used, so the blank column holds in every mode."""
 
-    @functools.lru_cache(maxsize=8192)  # noqa: B019 - two instances, kept for the process
-    def bbox(self, text: str, size: int) -> tuple[int, int, int, int]:
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one instance, kept for the process
+    def glyph(self, ch: str, size: int) -> _Glyph:
         font = _font(size)
-        if _scalable():
-            left, top, right, bottom = font.getbbox(text, mode=self.mode)
-        else:
-            left, top, right, bottom = font.getbbox(text)
-        return int(left), int(top), int(right), int(bottom)
+        boxes = []
+        for mode in _MEASURE_MODES:
+            # The glyph's box is its cell in a bitmap font: the ink is read from the
+            # mask drawn in that box.
+            left, top, _, _ = font.getbbox(ch, mode=mode)
+            ink = font.getmask(ch, mode=mode).getbbox()
+            if ink is not None:
+                boxes.append((left + ink[0], top + ink[1], left + ink[2], top + ink[3]))
+        if not boxes:  # a space
+            return _Glyph(left=0, top=0, right=0, bottom=0)
+        left, top, right, bottom = _union(boxes)
+        return _Glyph(left=int(left), top=int(top), right=int(right), bottom=int(bottom))
+
+    @functools.lru_cache(maxsize=8192)  # noqa: B019
+    def offsets(self, text: str, size: int) -> tuple[int, ...]:
+        """Where each character of `text` is drawn from, left to right: where the font
+        puts it (kerning included), moved right as far as the glyphs before it were."""
+        font = _font(size)
+        offsets: list[int] = []
+        pushed = 0
+        ink_right: int | None = None  # right edge of the last ink, exclusive
+        blank = 1  # columns the next ink keeps from the last
+        for index, ch in enumerate(text):
+            x = pushed + round(max(font.getlength(text[:index], mode=mode)
+                                   for mode in _MEASURE_MODES))
+            glyph = self.glyph(ch, size)
+            if glyph.right > glyph.left:
+                if ink_right is not None and x + glyph.left < ink_right + blank:
+                    pushed += ink_right + blank - glyph.left - x
+                    x = ink_right + blank - glyph.left
+                ink_right = x + glyph.right
+                blank = 1
+            elif ch.isspace():
+                # Letters moved apart need words moved further apart, or the line
+                # reads as one word.
+                blank = max(blank, _word_gap(size))
+            offsets.append(x)
+        return tuple(offsets)
+
+    @functools.lru_cache(maxsize=8192)  # noqa: B019
+    def bbox(self, text: str, size: int) -> tuple[int, int, int, int]:
+        inked = [(offset, self.glyph(ch, size))
+                 for ch, offset in zip(text, self.offsets(text, size), strict=True)]
+        inked = [(offset, glyph) for offset, glyph in inked if glyph.right > glyph.left]
+        if not inked:
+            return 0, 0, 0, 0
+        return (min(offset + g.left for offset, g in inked), min(g.top for _, g in inked),
+                max(offset + g.right for offset, g in inked),
+                max(g.bottom for _, g in inked))
 
     def width(self, text: str, size: int) -> int:
         left, _, right, _ = self.bbox(text, size)
@@ -268,9 +348,19 @@ class _Type:
         return top, bottom
 
 
-@functools.cache
-def _type(mode: str) -> _Type:
-    return _Type(mode == "1")
+_TYPE: Final = _Type()
+# FreeType hints 1-bit output differently from anti-aliased output (1-bit is usually
+# wider): text is measured both ways and the larger taken, so it fits in every mode.
+_MEASURE_MODES: Final = ("1", "L")
+
+
+def _union(boxes: list[tuple[float, float, float, float]]) -> tuple[float, ...]:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _word_gap(size: int) -> int:
+    return max(4, round(size * 0.4))
 
 
 # -- text blocks -------------------------------------------------------------------------
@@ -692,16 +782,24 @@ def _plan_code(ts: _Type, screen: Screen, width: int, height: int) -> _Plan:
             chosen = _best_qr_layout(ts, options, content, width, height, gap, bar_height)
             if chosen is not None:
                 return _qr_plan(screen.qr_data, chosen)
+            if content.url and width * height >= PAGED_MIN_PIXELS:
+                # Not even a shortened URL fits beside the QR code (a narrow portrait
+                # panel): the URL gets a page of its own (`compose`), and this page
+                # keeps the QR code and the code.
+                chosen = _best_qr_layout(ts, options, replace(content, url=""), width,
+                                         height, gap, bar_height)
+                if chosen is not None:
+                    return replace(_qr_plan(screen.qr_data, chosen), url_shortened=True)
             need = options[0].size + 2 * QUIET_ZONES[-1]
             omitted = (f"no room for a QR code beside a legible code on {width}x{height} "
                        f"(it needs {need}x{need} px at 1 px a module)")
     slots: _Slots = ((_Rect(0, 0, width, height), ("name", "url", "code", "bar")),)
     code_sizes, url_sizes = _code_sizes(width, height), _url_sizes(width, height)
     content = replace(content, url_lines=URL_ALONE_MAX_LINES)
+    # Without a QR code the URL is the only way in: shown whole with a smaller code
+    # rather than cut beside a larger one.
     fit = (_fit_text(ts, slots, content, gap=gap, bar_height=bar_height,
-                     code_sizes=code_sizes, url_sizes=url_sizes)
-           or _fit_text(ts, slots, content, gap=gap, bar_height=bar_height,
-                        code_sizes=CODE_LAST_RESORT, url_sizes=url_sizes)
+                     code_sizes=code_sizes + CODE_LAST_RESORT, url_sizes=url_sizes)
            or _fit_text(ts, slots, replace(content, url=""), gap=gap, bar_height=bar_height,
                         code_sizes=code_sizes + CODE_LAST_RESORT, url_sizes=url_sizes))
     if fit is None:
@@ -733,7 +831,10 @@ def _best_qr_layout(ts: _Type, options: tuple[_QrOption, ...], content: _Content
                     if fit is None:
                         continue
                     found = True
-                    score = (int(fit.url_whole), quiet, fit.code_size,
+                    # The code's size as drawn: font sizes a pixel apart can draw
+                    # digits of one height, and then the stronger level should win.
+                    _, top, _, bottom = ts.bbox(content.code, fit.code_size)
+                    score = (int(fit.url_whole), quiet, bottom - top,
                              _LEVEL_RANK[option.level], fit.url_size, int(fit.name_shown),
                              -preference)
                     candidates.append(_Candidate(
@@ -848,7 +949,7 @@ def _base(screen: Screen, width: int, height: int, mode: str) -> tuple[Image.Ima
     image = Image.new(mode, (width, height), palette.ground)
     if screen.kind == "blank":
         return image, _Plan()
-    ts = _type(mode)
+    ts = _TYPE
     if screen.kind == "code":
         plan = _plan_code(ts, screen, width, height)
     else:
@@ -888,12 +989,16 @@ def _draw_qr(image: Image.Image, qr: QrPlacement, matrix: QrMatrix, palette: _Pa
                                top + offset + side), mask)
 
 
-def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: Colour, *,
-                slash_zeros: bool = False) -> None:
-    """`slash_zeros`: decided from the whole code, since a group stacked on its own
-    line ("0000") may hold no letter."""
+@dataclass(frozen=True)
+class _Line:
+    text: str
+    origin: tuple[int, int]  # where the font draws the line from
+    box: tuple[int, int, int, int]  # its ink's room on the panel, right and bottom exclusive
+
+
+def _lines(ts: _Type, placed: _Placed) -> Iterator[_Line]:
+    """Each line of a placed block, centred on the block's region."""
     block = placed.block
-    font = _font(block.size)
     y = placed.y
     line_top, line_bottom = ts.line_box(block.size)
     for line in block.lines:
@@ -901,10 +1006,24 @@ def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: C
         if not block.tight:
             top, bottom = line_top, line_bottom
         x = placed.x + (placed.w - (right - left)) // 2 - left
-        draw.text((x, y - top), line, font=font, fill=colour)
-        if block.kind == "code" and slash_zeros:
-            _slash_zeros(ts, draw, line, block.size, x, y - top, colour)
+        yield _Line(text=line, origin=(x, y - top), box=(x + left, y, x + right,
+                                                         y + bottom - top))
         y += bottom - top + _line_gap(block.size)
+
+
+def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: Colour, *,
+                slash_zeros: bool = False) -> None:
+    """`slash_zeros`: decided from the whole code, since a group stacked on its own
+    line ("0000") may hold no letter."""
+    block = placed.block
+    font = _font(block.size)
+    for line in _lines(ts, placed):
+        x, y = line.origin
+        for ch, offset in zip(line.text, ts.offsets(line.text, block.size), strict=True):
+            if not ch.isspace():
+                draw.text((x + offset, y), ch, font=font, fill=colour)
+        if block.kind == "code" and slash_zeros:
+            _slash_zeros(ts, draw, line.text, block.size, x, y, colour)
 
 
 def _mixes_letters_and_digits(text: str) -> bool:
