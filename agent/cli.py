@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError, StoreError, StoreInsecure, StoreTooNew
+from agent.errors import STORE_NEEDS_A_PERSON, AgentError, ConfigError, StoreError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -92,8 +92,8 @@ def _run_service(config: AgentConfig, **serve_args: Any) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
-    except (StoreInsecure, StoreTooNew) as exc:
-        # Restarting will not fix permissions or a damaged file; a person must.
+    except STORE_NEEDS_A_PERSON as exc:
+        # Restarting will not fix permissions, a newer file or a missing key; a person must.
         log.error("%s", exc)
         return EX_CONFIG
     except StoreError as exc:
@@ -153,7 +153,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     },
                     "device": {"name": args.device_name},
                     "display": {"type": args.display},
-                    "storage": {"path": str(Path(state) / "credentials.json")},
+                    # Plain text: the state is a temporary directory, gone at exit.
+                    "storage": {"path": str(Path(state) / "credentials.json"),
+                                "encryption": "off"},
                     "api": {"socket": str(args.socket or default_socket_path())},
                 })
                 log.info("demo identity provider at %s; approval page: %s/device",

@@ -35,6 +35,7 @@ from agent.display.kinds import KINDS
 from agent.errors import ConfigError
 from agent.hooks import HOOK_EVENTS
 from agent.paths import default_socket_path, default_state_path
+from agent.sealing import MODES as ENCRYPTION_MODES
 
 __all__ = [
     "DISPLAY_TYPES",
@@ -138,6 +139,8 @@ class ButtonConfig:
 @dataclass(frozen=True, kw_only=True)
 class StorageConfig:
     path: Path = field(default_factory=default_state_path)
+    # auto: seal the tokens when systemd delivers the store key (agent.sealing).
+    encryption: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -711,8 +714,18 @@ def _move_old_button_keys(config: AgentConfig, key: str) -> AgentConfig:
     return dataclasses.replace(config, button=ButtonConfig(**values), display=display)
 
 
+def _encryption(value: object, key: str, ctx: _Context) -> str:
+    # YAML 1.1 reads a bare `off` as false: the person wrote the word, and means it.
+    if value is False:
+        return "off"
+    result = _choice(ENCRYPTION_MODES)(value, key, ctx)
+    assert isinstance(result, str)
+    return result
+
+
 _STORAGE = _Section(StorageConfig, {
     "path": _null_means_default(_path),
+    "encryption": _null_means_default(_encryption),
 })
 
 _API = _Section(ApiConfig, {

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent.clock import Clock
 from agent.errors import (
+    AgentError,
     NotSignedIn,
     ProviderUnavailable,
     StoreCorrupt,
@@ -51,7 +52,7 @@ from agent.session import (
     Stop,
     Tick,
 )
-from agent.sessionfile import SessionFile
+from agent.sessionfile import SessionFile, SessionRecord
 from agent.state import Snapshot
 from agent.store import Credentials, CredentialStore
 
@@ -84,7 +85,8 @@ class Driver:
         self._store = store
         self._clock = clock
         self._session_file = session_file or SessionFile(
-            store.path.with_name("session.json"), machine_id=settings.machine_id)
+            store.path.with_name("session.json"), machine_id=settings.machine_id,
+            encryption=store.encryption)
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         # Set and replaced on every publish (and every input): waiters wake without
@@ -215,7 +217,7 @@ class Driver:
         with no network call."""
         self._loaded = True
         try:
-            creds = await asyncio.to_thread(self._store.load)
+            creds = loaded = await asyncio.to_thread(self._store.load)
         except StoreCorrupt as exc:
             # A dead device helps nobody: the file is kept aside for a person to look
             # at, and a new sign-in starts.
@@ -223,7 +225,7 @@ class Driver:
             moved = await asyncio.to_thread(self._store.quarantine, stamp=stamp)
             log.error("the credential file is corrupt (%s); moved aside to %s; signing in "
                       "anew", exc, moved)
-            creds = None
+            creds = loaded = None
         if creds is not None and self._cloned(creds):
             # Not revoked: the refresh token is the other device's, and still its own.
             log.warning("the credential file was written on another machine (a cloned SD "
@@ -234,7 +236,48 @@ class Driver:
             log.info("stored credentials belong to another client or issuer; signing in anew")
             creds = None
         record = await asyncio.to_thread(self._session_file.load)
+        plain = await self._seal_plain_files(loaded, record)
         await self._feed(Start(credentials=creds, record=record))
+        if plain and creds is not None and creds.tokens.refresh_token is not None:
+            self._spawn(self._retire_plain_refresh_token(creds.tokens))
+
+    async def _seal_plain_files(self, loaded: Credentials | None,
+                                record: SessionRecord) -> bool:
+        """The first start with a store key seals what it finds in plain text before
+        anything is served; True when credentials were written in plain text."""
+        plain = False
+        if self._store.needs_sealing and loaded is not None:
+            plain = True
+            try:
+                await asyncio.to_thread(self._store.save, loaded)
+            except StoreError as exc:
+                log.error("could not seal the credential file that is in plain text: %s", exc)
+            else:
+                log.warning("the credential file was in plain text; it is sealed now")
+        if self._session_file.needs_sealing:
+            try:
+                await asyncio.to_thread(self._session_file.save, record)
+            except StoreError as exc:
+                log.warning("could not seal the session file that is in plain text: %s", exc)
+        return plain
+
+    async def _retire_plain_refresh_token(self, plain: TokenSet) -> None:
+        """The plain copy's bytes may survive in the flash's free blocks: a refresh at
+        once makes the provider rotate its refresh token away."""
+        log.info("refreshing at once, so that the refresh token that was in plain text is "
+                 "no longer the one in use")
+        try:
+            tokens = await self.refresh()
+        except AgentError as exc:
+            log.warning("the refresh after sealing failed (%s): the refresh token that was "
+                        "in plain text is in use until the next refresh", exc)
+            return
+        if tokens.refresh_token == plain.refresh_token:
+            log.warning("the provider did not rotate the refresh token, so the one that was "
+                        "in plain text still works; `device-agent login` signs in anew, "
+                        "which revokes it")
+        else:
+            log.info("the refresh token that was in plain text has been rotated away")
 
     def _cloned(self, creds: Credentials) -> bool:
         here = self.settings.machine_id

@@ -10,7 +10,9 @@ No message ever carries a token, a device code or a secret.
     │   ├── StoreLocked              another agent holds the credential store
     │   ├── StoreInsecure            the file or its directory is open to other users
     │   ├── StoreCorrupt             the file does not parse; it is moved aside
-    │   └── StoreTooNew              written by a newer device-agent: refused, kept
+    │   │   └── StoreUnsealable      sealed, but the key delivered does not open it
+    │   ├── StoreTooNew              written by a newer device-agent: refused, kept
+    │   └── StoreKeyMissing          sealed, and no key to open it: refused, kept
     ├── TransportError               no usable HTTP answer
     │   ├── ConnectFailed            refused, unreachable, reset, dropped
     │   │   └── NameNotResolved      the provider's host name does not resolve
@@ -37,6 +39,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "OAUTH_ERRORS",
+    "STORE_NEEDS_A_PERSON",
     "AccessDenied",
     "AgentError",
     "AuthorizationPending",
@@ -63,8 +66,10 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "StoreInsecure",
+    "StoreKeyMissing",
     "StoreLocked",
     "StoreTooNew",
+    "StoreUnsealable",
     "TLSFailed",
     "TemporarilyUnavailable",
     "TransportError",
@@ -116,8 +121,23 @@ class StoreCorrupt(StoreError):
     pass
 
 
+class StoreUnsealable(StoreCorrupt):
+    """Sealed with another key, or altered since it was sealed: its secrets cannot be
+    had, so like any corrupt file it is moved aside and a new sign-in starts."""
+
+
 class StoreTooNew(StoreError):
     """Not corrupt: an upgrade reads it. Never moved aside or overwritten."""
+
+
+class StoreKeyMissing(StoreError):
+    """Sealed, and this agent has no key for it (none delivered, or encryption off).
+    Never moved aside or rewritten: delivering the key reads it."""
+
+
+# Restarting cannot fix these, only a person: the CLI exits 78 and the panel says how.
+STORE_NEEDS_A_PERSON: tuple[type[StoreError], ...] = (StoreInsecure, StoreTooNew,
+                                                      StoreKeyMissing)
 
 
 class TransportError(AgentError):

@@ -13,6 +13,12 @@ and ``/etc/device-agent/config.yaml`` from ``config.example.yaml`` when there is
 existing config is never touched). Raspberry Pi boot settings are read, not edited: a
 hint says how to turn I2C or SPI on when they are off.
 
+With ``--seal`` it also makes the store key (`agent.sealing`): 32 random bytes, sealed
+by `systemd-creds encrypt` to this device's TPM2 and host key where there is a TPM2,
+else to the host key, into ``/etc/device-agent/store-key.cred``, and a drop-in whose
+``LoadCredentialEncrypted=`` hands the service the key. The key goes to systemd-creds
+through a pipe and is never written in plain; an existing sealed key is never replaced.
+
 Every step prints what it did, or with ``--dry-run`` what it would do; a second run finds
 everything in place and says so. With ``--root DIR`` the files go under DIR (an image
 being built) and no command runs, since DIR is not the running system. Commands go
@@ -22,9 +28,13 @@ through an injectable runner, so tests record them instead of running them.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hmac
 import importlib.resources
 import os
 import re
+import secrets
 import shlex
 import shutil
 import stat
@@ -35,20 +45,25 @@ from pathlib import Path, PurePosixPath
 from typing import Final, TextIO
 
 from agent.fsutil import remove_durably, write_atomic
+from agent.sealing import KEY_SIZE, STORE_KEY
 
 __all__ = [
     "CONFIG_PATH",
     "DEVICE_GROUPS",
     "SERVICE_UNIT",
     "SOCKET_UNIT",
+    "STORE_KEY_PATH",
     "SYSTEM_USER",
+    "Feeder",
     "Runner",
+    "feed_command",
     "find_program",
     "install_service",
     "packaged_file",
     "register",
     "render_service",
     "run_command",
+    "sealed_to",
     "uninstall_service",
 ]
 
@@ -58,6 +73,8 @@ SYSTEM_USER: Final = "device-agent"
 # The groups the service joins (SupplementaryGroups=), as the sysusers.d file lists them.
 DEVICE_GROUPS: Final = ("i2c", "spi", "gpio", "dialout", "video")
 CONFIG_PATH: Final = PurePosixPath("/etc/device-agent/config.yaml")
+# Root's alone, beside the config; systemd reads it as root at each start.
+STORE_KEY_PATH: Final = PurePosixPath("/etc/device-agent/store-key.cred")
 
 _UNIT_DIR: Final = PurePosixPath("/etc/systemd/system")
 _SYSUSERS_FILE: Final = PurePosixPath("/etc/sysusers.d/device-agent.conf")
@@ -65,6 +82,8 @@ _STATE_DIR: Final = PurePosixPath("/var/lib/device-agent")
 _RUNTIME_DIR: Final = PurePosixPath("/run/device-agent")
 # Written from the config's token files; ours to rewrite and remove.
 _TOKEN_FILES_DROP_IN: Final = _UNIT_DIR / f"{SERVICE_UNIT}.d" / "token-files.conf"
+# Written by --seal; never removed but with the drop-ins (uninstall --purge).
+_STORE_KEY_DROP_IN: Final = _UNIT_DIR / f"{SERVICE_UNIT}.d" / "store-key.conf"
 _BOOT_CONFIGS: Final = (PurePosixPath("/boot/firmware/config.txt"),  # bookworm and later
                         PurePosixPath("/boot/config.txt"))
 _PROGRAM_NAME: Final = "device-agent"
@@ -93,6 +112,9 @@ _LONG_SHEBANG: Final = re.compile(r"""^'''exec' "?([^" ]+)""")
 Runner = Callable[[Sequence[str]], int]
 """Runs a command (an argv list, no shell) and returns its exit status."""
 
+Feeder = Callable[[Sequence[str], bytes], tuple[int, bytes]]
+"""Runs a command with `data` on its stdin; returns its exit status and its stdout."""
+
 
 def run_command(argv: Sequence[str]) -> int:
     """The real runner. The command's output is passed on once it has finished: given
@@ -108,6 +130,20 @@ def run_command(argv: Sequence[str]) -> int:
         if data:
             write_safely(stream, data.decode(errors="replace"))
     return done.returncode
+
+
+def feed_command(argv: Sequence[str], data: bytes) -> tuple[int, bytes]:
+    """The real feeder: what systemd-creds seals or opens goes through pipes, never a
+    file or an argument another user could see. Its messages go to our stderr."""
+    try:
+        done = subprocess.run(list(argv), input=data, check=False, capture_output=True)
+    except FileNotFoundError:
+        return 127, b""
+    except OSError:
+        return 126, b""
+    if done.stderr:
+        write_safely(sys.stderr, done.stderr.decode(errors="replace"))
+    return done.returncode, done.stdout
 
 
 def write_safely(stream: TextIO, text: str) -> None:
@@ -583,15 +619,20 @@ def _warn_about_program(session: _Session, program: Path,
 
 def install_service(*, root: Path, live: bool, dry_run: bool, program: Path,
                     runner: Runner = run_command, out: TextIO | None = None,
-                    interpreters: Sequence[Path] = ()) -> int:
+                    interpreters: Sequence[Path] = (), seal: bool = False,
+                    feeder: Feeder = feed_command) -> int:
     """Install into `root`; `live` means `root` is the running system, where
     systemd-sysusers and systemctl are run. `interpreters`: Pythons the program runs
-    on besides the one its first line names (the one running this command). Returns
+    on besides the one its first line names (the one running this command). `seal`:
+    make and seal the store key too, with systemd-creds run through `feeder`. Returns
     an exit status."""
     session = _Session(root=root, live=live, dry_run=dry_run, runner=runner,
                        out=sys.stdout if out is None else out)
     try:
-        return _install(session, program, interpreters)
+        if seal and not live:
+            raise _Abort("--seal seals the key to this machine's TPM2 or host key, so it "
+                         "runs on the device itself, not into an image (--root)", _EX_USAGE)
+        return _install(session, program, interpreters, feeder if seal else None)
     except _Abort as exc:
         session.say(f"device-agent: {exc}")
         return exc.status
@@ -603,7 +644,8 @@ def install_service(*, root: Path, live: bool, dry_run: bool, program: Path,
         return _EX_SOFTWARE
 
 
-def _install(session: _Session, program: Path, interpreters: Sequence[Path]) -> int:
+def _install(session: _Session, program: Path, interpreters: Sequence[Path],
+             feeder: Feeder | None) -> int:
     say = session.say
     if not session.live:
         say(f"installing into {session.root}: systemd-sysusers and systemctl are left to "
@@ -629,6 +671,8 @@ def _install(session: _Session, program: Path, interpreters: Sequence[Path]) -> 
 
     _install_config(session)
     units_changed |= _install_token_files_drop_in(session)
+    if feeder is not None:
+        units_changed |= _install_store_key(session, feeder)
     _check_boot_config(session)
 
     if units_changed and session.live:
@@ -644,7 +688,114 @@ def _install(session: _Session, program: Path, interpreters: Sequence[Path]) -> 
     say(f"  3. start it now and at every boot: sudo systemctl enable --now {SERVICE_UNIT}")
     say(f"  4. see it: systemctl status {SERVICE_UNIT}; journalctl -u {SERVICE_UNIT} -f")
     say(f"  optional, socket activation: sudo systemctl enable --now {SOCKET_UNIT}")
+    if feeder is not None:
+        say(f"  5. seal the tokens now, if it runs: sudo systemctl restart {SERVICE_UNIT}; "
+            f"storage.encryption: required in the config then refuses to start without "
+            f"the key")
+    else:
+        say("  optional, tokens sealed at rest: run this command again with --seal")
     return _EX_OK
+
+
+# -- the store key (--seal) ---------------------------------------------------------------
+
+# What each --with-key means for a person, and what it protects against.
+_SEALED_TO: Final = {
+    "host": "the host key",
+    "host+tpm2": "this device's TPM2 and the host key",
+    "tpm2": "this device's TPM2",
+    "null": "no key at all",
+}
+# The first 16 bytes of what systemd-creds seals name the key it used (systemd's
+# src/shared/creds-util.h): read from the file, not assumed from the command line.
+_SEAL_IDS: Final = {
+    "5a1c6a86df9d4096b1d5a65e0862f19a": "host",
+    "55b9ed1d38594d43a8319d2ebb332ac6": "host",        # scoped to a user
+    "0c7cc07b117645919c4b0bea08bc20fe": "tpm2",
+    "faf7eb9341e3412ca1a436f95a29362f": "tpm2",        # with a public key policy
+    "93a894094874449090caf2fc93cab553": "host+tpm2",
+    "ef4ac13679a9480ea7db68897f9f165d": "host+tpm2",   # scoped to a user
+    "af4950a849134eb1a73846304ff30c05": "host+tpm2",   # with a public key policy
+    "058469daf6f54324800549da0f8ea2fb": "null",
+}
+_STORE_KEY_DROP_IN_TEXT: Final = (
+    "# Written by `device-agent install-service --seal`. systemd decrypts the store key\n"
+    f"# ({STORE_KEY_PATH}, sealed to this device) at each start and hands the service\n"
+    f"# the plain key as $CREDENTIALS_DIRECTORY/{STORE_KEY}; when it cannot, the unit\n"
+    "# does not start (status=243/CREDENTIALS in systemctl status).\n"
+    "[Service]\n"
+    f"LoadCredentialEncrypted={STORE_KEY}:{STORE_KEY_PATH}\n")
+
+
+def sealed_to(blob: bytes) -> str | None:
+    """The key a credential systemd-creds sealed is sealed to ("host", "tpm2",
+    "host+tpm2", "null"), from its header; None when it cannot be told."""
+    try:
+        raw = base64.b64decode(b"".join(blob.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raw = blob  # systemd-creds writes binary too, with --transcode or older versions
+    return _SEAL_IDS.get(raw[:16].hex())
+
+
+def _described(kind: str | None) -> str:
+    return _SEALED_TO.get(kind or "", "a key this command does not know")
+
+
+def _choose_key(feeder: Feeder) -> tuple[str, str]:
+    """--with-key, and why. Chosen, not left to `auto`: a TPM2 that is there and fails
+    must stop the install, not quietly leave the key sealed to the host key alone."""
+    status, said = feeder(["systemd-creds", "has-tpm2"], b"")
+    if status == 127:
+        raise _Abort("systemd-creds is not installed (systemd 250 or later is needed for "
+                     "LoadCredentialEncrypted=)", _EX_SOFTWARE)
+    if status == 0:
+        return "host+tpm2", ""
+    lines = said.decode(errors="replace").split()
+    shown = f"{lines[0]}; {' '.join(w for w in lines[1:] if w.startswith('-'))}" if lines \
+        else f"exit status {status}"
+    return "host", (f" (no TPM2 here: systemd-creds has-tpm2 says {shown}); a copied "
+                    f"credentials file is useless without this device's host key, a copied "
+                    f"SD card is not (it holds the host key too)")
+
+
+def _install_store_key(session: _Session, feeder: Feeder) -> bool:
+    """Seal a new key unless there is one, and load it in the drop-in. True when the
+    drop-in changed."""
+    target = session.path(STORE_KEY_PATH)
+    if target.exists() or target.is_symlink():
+        session.say(f"unchanged {target} (sealed to {_described(sealed_to(target.read_bytes()))}"
+                    f"; an existing key is never replaced: what it sealed could not be "
+                    f"opened with a new one)")
+    else:
+        with_key, why = _choose_key(feeder)
+        command = ["systemd-creds", "encrypt", f"--name={STORE_KEY}", f"--with-key={with_key}",
+                   "-", "-"]
+        if session.dry_run:
+            session.say(f"would seal a new {KEY_SIZE}-byte store key to "
+                        f"{_described(with_key)} into {target} (mode 0600) with "
+                        f"`{shlex.join(command)}`{why}")
+        else:
+            _seal_new_key(session, feeder, command, why)
+    return session.write(_STORE_KEY_DROP_IN, _STORE_KEY_DROP_IN_TEXT.encode(), mode=0o644)
+
+
+def _seal_new_key(session: _Session, feeder: Feeder, command: list[str], why: str) -> None:
+    key = secrets.token_bytes(KEY_SIZE)
+    status, sealed = feeder(command, key)
+    if status != 0 or not sealed:
+        raise _Abort(f"systemd-creds encrypt failed with exit status {status}; no key was "
+                     f"written", _EX_SOFTWARE)
+    # Opened again before it is kept: a key that this machine cannot open would only
+    # surface as a unit that does not start.
+    status, opened = feeder(["systemd-creds", "decrypt", f"--name={STORE_KEY}", "-", "-"],
+                            sealed)
+    if status != 0 or not hmac.compare_digest(opened, key):
+        raise _Abort(f"systemd-creds cannot open the key it has just sealed (exit status "
+                     f"{status}); no key was written", _EX_SOFTWARE)
+    del key, opened
+    session.write(STORE_KEY_PATH, sealed, mode=0o600)
+    session.say(f"sealed a new store key to {_described(sealed_to(sealed))} into "
+                f"{session.path(STORE_KEY_PATH)}{why}")
 
 
 # -- uninstall ---------------------------------------------------------------------------
@@ -743,7 +894,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *,
         # Without --prefix the program is the one running now, on this Python.
         interpreters = [Path(sys.executable)] if live and not args.prefix else []
         return install_service(root=root, live=live, dry_run=args.dry_run, program=program,
-                               runner=runner, interpreters=interpreters)
+                               runner=runner, interpreters=interpreters, seal=args.seal)
 
     def uninstall(args: argparse.Namespace) -> int:
         try:
@@ -767,6 +918,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *,
     parser.add_argument("--prefix", metavar="DIR",
                         help="device-agent is installed under DIR (ExecStart= "
                              "DIR/bin/device-agent); default: the program running now")
+    parser.add_argument("--seal", action="store_true",
+                        help="seal the tokens at rest: make a store key, seal it with "
+                             "systemd-creds (TPM2 where present, else the host key) and "
+                             "load it with LoadCredentialEncrypted=; never replaces a key")
     parser.set_defaults(func=install)
 
     parser = subparsers.add_parser(

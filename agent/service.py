@@ -21,10 +21,11 @@ from agent.consumers import Consumers, hooks_from_config, token_files_from_confi
 from agent.display import Display
 from agent.display.kinds import KINDS
 from agent.driver import Driver
-from agent.errors import ConfigError, StoreInsecure, StoreTooNew
+from agent.errors import STORE_NEEDS_A_PERSON, ConfigError, StoreError
 from agent.hooks import HookRunner
 from agent.oauth import Client
 from agent.oauth.discovery import ExplicitEndpoints
+from agent.sealing import Encryption
 from agent.session import SessionSettings
 from agent.state import Phase, Snapshot, summary
 from agent.store import CredentialStore
@@ -140,7 +141,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
     clock = clock or SystemClock()
     stop = asyncio.ensure_future(shutdown)
     notifier = Notifier.from_environment()
-    store = CredentialStore(config.storage.path)
+    store = CredentialStore(config.storage.path,
+                            encryption=Encryption(config.storage.encryption))
     tasks: list[asyncio.Task[None]] = []
     api: ApiServer | None = None
     button: Button | None = None
@@ -181,10 +183,12 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
         try:
             store.open()
             await driver.load()
-        except (StoreInsecure, StoreTooNew) as exc:
+        except (ConfigError, StoreError) as exc:
             # Exit 78 follows and systemd does not restart: the fix goes on the panel,
-            # which keeps it, for the person who walks up to a silent device.
-            await _show_fatal(display, str(exc))
+            # which keeps it, for the person who walks up to a silent device. (A config
+            # error here is storage.encryption's: a key required, or its library.)
+            if isinstance(exc, (ConfigError, *STORE_NEEDS_A_PERSON)):
+                await _show_fatal(display, str(exc))
             raise
         policy = AccessPolicy(read_users=config.api.read_users,
                               read_groups=config.api.read_groups,

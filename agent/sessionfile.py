@@ -16,6 +16,12 @@ at: losing it costs little (a code, a throttle), refusing to start costs the dev
 `load()` reports what is wrong in one warning and returns an empty record, which the
 caller's next `save()` writes over it. No message quotes the file's content.
 
+With a store key delivered, the device code and the tokens owed a revocation are sealed
+as the credential file's tokens are (`agent.sealing`, the same decision). One that was
+sealed with another key, or altered, is damaged like any other. One found without a key
+is the exception to "never fatal": rewriting it would put what it owes in plain text,
+or lose it, so it is refused (StoreKeyMissing) and kept.
+
 The methods block on disk I/O; call them through `asyncio.to_thread`.
 """
 
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StoreError
+from agent.errors import StoreError, StoreKeyMissing, StoreUnsealable
 from agent.fsutil import (
     Problem,
     UnsafeFile,
@@ -38,12 +44,14 @@ from agent.fsutil import (
     remove_stale_temps,
     write_atomic,
 )
+from agent.sealing import Encryption, Location, is_sealed
 
 __all__ = [
     "FORMAT_VERSION",
     "MAX_CODES_SPENT",
     "MAX_PENDING_REVOCATIONS",
     "MAX_TEXT_LENGTH",
+    "SEALED_FORMAT_VERSION",
     "PendingCode",
     "PendingRevocation",
     "SessionFile",
@@ -54,6 +62,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bumped when a change would make an older agent misread the file."""
+SEALED_FORMAT_VERSION = 2
+"""A sealed file; an agent from before sealing takes it for a newer one's."""
 
 MAX_CODES_SPENT = 1000
 """Far beyond any provider's hourly code budget; only the newest are kept."""
@@ -70,6 +80,7 @@ _MAX_WALL = 1e11  # the year 5138
 _MAX_DURATION = 7 * 86400.0
 _MAX_COUNT = 10**9
 _HINTS = ("refresh_token", "access_token")
+_PURPOSE = "device-agent session"
 # Controls would garble a screen or a form body; lone surrogates make UTF-8 encoding
 # raise far from here (json.loads lets both through: escapes, and "surrogatepass").
 _UNUSABLE_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -113,12 +124,16 @@ class SessionRecord:
 class SessionFile:
     """The session file at `path`, beside the credential file and under its lock."""
 
-    def __init__(self, path: Path, *, machine_id: str | None = None) -> None:
+    def __init__(self, path: Path, *, machine_id: str | None = None,
+                 encryption: Encryption | None = None) -> None:
         self._path = Path(path)
         # A cloned SD card carries this file too: another device's owed revocations
         # would end that device's sign-in, and its code budget is not this one's.
         self._machine_id = machine_id
+        self._encryption = encryption if encryption is not None else Encryption("off")
         self._swept = False
+        self.needs_sealing = False
+        """The last load() read a plain file while a key is delivered: save() seals it."""
 
     @property
     def path(self) -> Path:
@@ -128,10 +143,12 @@ class SessionFile:
         """The stored record; an empty one when there is no file or it cannot be used.
 
         Never raises for what the file holds, or for a file or directory open to others
-        (a warning says why it was not used). Raises StoreError only when the disk
-        itself fails, say EIO: forgetting owed revocations over a transient error would
-        be worse than telling the caller.
+        (a warning says why it was not used), but StoreKeyMissing for a sealed file
+        without its key. Raises StoreError when the disk itself fails, say EIO:
+        forgetting owed revocations over a transient error would be worse than telling
+        the caller.
         """
+        self.needs_sealing = False
         path = self._path
         try:
             if not check_private_directory(path.parent):
@@ -156,17 +173,38 @@ class SessionFile:
                         "starting from an empty session: what it owes the provider is "
                         "the other device's to do", path)
             return SessionRecord()
+        sealer = self._encryption.sealer()
+        version = document.get("version") if isinstance(document, dict) else None
+        # A newer agent's file is named as such below, sealed or not.
+        too_new = (isinstance(version, int) and not isinstance(version, bool)
+                   and version > SEALED_FORMAT_VERSION)
+        sealed = is_sealed(document) and not too_new
+        if sealed:
+            if sealer is None:
+                raise StoreKeyMissing(f"{path} is sealed, and is kept as it is: "
+                                      f"{self._encryption.why_no_key()}")
+            if version != SEALED_FORMAT_VERSION:
+                return self._discard(f"it is sealed, but its version is not "
+                                     f"{SEALED_FORMAT_VERSION}")
+            try:
+                document = sealer.unseal(document, purpose=_PURPOSE)
+            except StoreUnsealable as exc:
+                return self._discard(f"it {exc}")
+        elif version == SEALED_FORMAT_VERSION:
+            return self._discard(f"version {SEALED_FORMAT_VERSION} is sealed, and it has "
+                                 f"no sealed part")
         try:
             record, problems = _decode(document)
         except _Newer as newer:
             log.warning("%s was written by a newer device-agent (format version %d; this "
-                        "one reads version %d); starting from an empty session, which "
-                        "will replace it", path, newer.version, FORMAT_VERSION)
+                        "one reads versions up to %d); starting from an empty session, which "
+                        "will replace it", path, newer.version, SEALED_FORMAT_VERSION)
             return SessionRecord()
         except _Invalid as invalid:
             return self._discard(str(invalid))
         if problems:
             log.warning("%s: %s; using the rest", path, "; ".join(problems))
+        self.needs_sealing = sealer is not None and not sealed
         return record
 
     def save(self, record: SessionRecord) -> None:
@@ -189,12 +227,14 @@ class SessionFile:
             write_atomic(path, data, mode=_FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {_reason(exc)}") from None
+        self.needs_sealing = False
 
     def _encode(self, record: SessionRecord) -> str:
         # Checked by decoding the very text that would be written, with load()'s own
         # rules: one definition of a valid file, and no way for the two to drift apart.
         try:
-            text = _dumps(self._document(record))
+            document = self._document(record)
+            text = _dumps(document)
             checked, problems = _decode(json.loads(text))
         except (ValueError, TypeError, RecursionError):
             # allow_nan=False and the int digit limit raise ValueError; a foreign type
@@ -204,11 +244,15 @@ class SessionFile:
                              f"an object of another type)") from None
         except _Invalid as invalid:
             raise StoreError(f"cannot write {self._path}: {invalid}") from None
-        if not problems:
-            return text
-        log.warning("%s: not saving what the next start could not read: %s",
-                    self._path, "; ".join(problems))
-        return _dumps(self._document(checked))
+        if problems:
+            log.warning("%s: not saving what the next start could not read: %s",
+                        self._path, "; ".join(problems))
+            document = self._document(checked)
+        sealer = self._encryption.sealer()
+        if sealer is None:
+            return text if not problems else _dumps(document)
+        document["version"] = SEALED_FORMAT_VERSION
+        return _dumps(sealer.seal(document, _secrets(document), purpose=_PURPOSE))
 
     def _document(self, record: SessionRecord) -> dict[str, Any]:
         document = _to_document(record)
@@ -282,10 +326,24 @@ class SessionFile:
 #   "pending_revocations": [{"token": "...", "hint": "refresh_token"}, ...]
 # }
 #
+# Sealed (version 2): pending_code.device_code and each revocation's token are not
+# written in place but in "sealed", as the credential file's tokens are.
+#
 # Every key is written and required on reading: a missing throttle_until must not
 # quietly become "not throttled". Unknown keys are ignored. A wrong top-level field
 # discards the file; a pending code, a revocation or a spent time that is wrong on its
 # own is dropped alone, since the rest is still worth having.
+
+
+def _secrets(document: dict[str, Any]) -> list[Location]:
+    """Whoever holds the device code collects the tokens once the person approves; a
+    token owed a revocation still works until the provider confirms it."""
+    found: list[Location] = []
+    if document["pending_code"] is not None:
+        found.append(("pending_code", "device_code"))
+    found += [("pending_revocations", index, "token")
+              for index in range(len(document["pending_revocations"]))]
+    return found
 
 
 def _dumps(document: dict[str, Any]) -> str:
@@ -420,7 +478,7 @@ def _decode(document: object) -> tuple[SessionRecord, list[str]]:
     if isinstance(version, bool) or not isinstance(version, int) or not (
             1 <= version <= 1000):
         raise _Invalid("version is not a format version")
-    if version > FORMAT_VERSION:
+    if version > SEALED_FORMAT_VERSION:
         raise _Newer(version)
     problems: list[str] = []
 

@@ -10,7 +10,12 @@ means someone else can act as the device. Hence:
 - the directory must not be writable by others, who could swap the file;
 - an exclusive `flock` on a lock file beside it keeps a second agent from writing
   over the first (a rotated refresh token lost that way is a dead sign-in);
-- a file that does not parse is reported and left in place for a person to inspect.
+- a file that does not parse is reported and left in place for a person to inspect;
+- with a store key delivered (`agent.sealing`), the tokens are sealed: the file shows
+  whom they are for and when they expire, and binds all of it to them. A sealed file
+  is never rewritten in plain text: without its key it is refused (StoreKeyMissing),
+  not moved aside. A plain one found with a key is the caller's to seal
+  (`needs_sealing`).
 
 No message raised or logged here quotes the file's content.
 
@@ -19,6 +24,7 @@ The methods block on disk I/O; the driver calls them through `asyncio.to_thread`
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -32,7 +38,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from agent.errors import StoreCorrupt, StoreError, StoreInsecure, StoreLocked, StoreTooNew
+from agent.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreInsecure,
+    StoreKeyMissing,
+    StoreLocked,
+    StoreTooNew,
+    StoreUnsealable,
+)
 from agent.fsutil import (
     VOLATILE_FILESYSTEMS,
     Problem,
@@ -46,13 +60,17 @@ from agent.fsutil import (
     write_atomic,
 )
 from agent.oauth.models import TokenSet
+from agent.sealing import Encryption, Location, is_sealed
 
-__all__ = ["FORMAT_VERSION", "CredentialStore", "Credentials"]
+__all__ = ["FORMAT_VERSION", "SEALED_FORMAT_VERSION", "CredentialStore", "Credentials"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bumped when a change would make an older agent misread the file."""
+SEALED_FORMAT_VERSION = 2
+"""A sealed file: an agent from before sealing refuses it as newer (and leaves it
+alone), where it would have moved aside a file whose tokens it cannot find."""
 
 # Corrupt credential files moved aside and kept for a person to look at.
 _CORRUPT_COPIES = 3
@@ -60,6 +78,10 @@ _MAX_FILE_SIZE = 1 << 20  # far beyond any real token set; refuses to slurp a wr
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 _PARENT_MODE = 0o755
+_PURPOSE = "device-agent credentials"
+_ASIDE_PURPOSE = "device-agent credentials moved aside"
+_SECRETS: tuple[Location, ...] = (("tokens", "access_token"), ("tokens", "refresh_token"),
+                                  ("tokens", "id_token"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,29 +108,41 @@ class CredentialStore:
 
     `open()` (or `with`) checks the directory and takes the lock; `save()` and
     `clear()` need it. `load()` works without it: the atomic rename means a reader
-    never sees a half-written file.
+    never sees a half-written file. `encryption` says whether the tokens are sealed
+    (the default: never, and a sealed file is refused).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, encryption: Encryption | None = None) -> None:
         self._path = Path(path)
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         self._lock_fd: int | None = None
+        self._encryption = encryption if encryption is not None else Encryption("off")
+        self.needs_sealing = False
+        """The last load() read a plain file while a key is delivered: save() seals it."""
 
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def encryption(self) -> Encryption:
+        """Shared with the session file beside this one: one decision for both."""
+        return self._encryption
 
     # -- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
         """Create and check the directory, take the lock, clear a crash's leftovers.
 
-        Raises StoreInsecure for a directory others can write to or that belongs to
-        another user, StoreLocked when another process holds the lock, StoreError for
-        other I/O trouble. Opening an open store does nothing.
+        Raises ConfigError when storage.encryption cannot be had (no key though it is
+        required, a key without `cryptography`), before anything is created;
+        StoreInsecure for a directory others can write to or that belongs to another
+        user, StoreLocked when another process holds the lock, StoreError for other
+        I/O trouble. Opening an open store does nothing.
         """
         if self._lock_fd is not None:
             return
+        self._encryption.sealer()
         directory = self._path.parent
         try:
             _make_directory(directory)
@@ -195,9 +229,12 @@ class CredentialStore:
 
         Raises StoreInsecure for a file others can read or write, one owned by another
         user, or a symbolic link; StoreCorrupt for one that does not parse or lacks a
-        field; StoreTooNew for one from a newer format version (left in place either
-        way: `quarantine` moves a corrupt one aside).
+        field, StoreUnsealable (a StoreCorrupt) for a sealed one the key delivered does
+        not open; StoreTooNew for one from a newer format version, StoreKeyMissing for
+        a sealed one without a key (left in place in every case: `quarantine` moves a
+        corrupt one aside).
         """
+        self.needs_sealing = False
         if not self._check_directory():
             return None
         data = self._read()
@@ -209,7 +246,26 @@ class CredentialStore:
         # absurdly deep nesting.
         except (ValueError, RecursionError):
             raise StoreCorrupt(f"{self._path} is not valid JSON") from None
-        return _decode(document, self._path)
+        path, sealer = self._path, self._encryption.sealer()
+        version = _version(document, path)
+        sealed = is_sealed(document)
+        if sealed:
+            if sealer is None:
+                raise StoreKeyMissing(f"{path} is sealed, and is kept as it is: "
+                                      f"{self._encryption.why_no_key()}")
+            if version != SEALED_FORMAT_VERSION:
+                raise StoreCorrupt(f"{path} is not a valid credential file: it is sealed, "
+                                   f"but its version is not {SEALED_FORMAT_VERSION}")
+            try:
+                document = sealer.unseal(document, purpose=_PURPOSE)
+            except StoreUnsealable as exc:
+                raise StoreUnsealable(f"{path} {exc}") from None
+        elif version == SEALED_FORMAT_VERSION:
+            raise StoreCorrupt(f"{path} is not a valid credential file: version "
+                               f"{SEALED_FORMAT_VERSION} is sealed, and it has no sealed part")
+        credentials = _decode(document, path)
+        self.needs_sealing = sealer is not None and not sealed
+        return credentials
 
     def _read(self) -> bytes | None:
         path = self._path
@@ -249,9 +305,13 @@ class CredentialStore:
         (naming the path and the OS reason) when the disk refuses.
         """
         self._require_lock()
+        document = _encode(credentials)
+        sealer = self._encryption.sealer()
+        if sealer is not None:
+            document["version"] = SEALED_FORMAT_VERSION
+            document = sealer.seal(document, _SECRETS, purpose=_PURPOSE)
         # ensure_ascii=False keeps names in claims legible to a person reading the file.
-        data = json.dumps(_encode(credentials), indent=2, ensure_ascii=False,
-                          allow_nan=False) + "\n"
+        data = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
         try:
             # backslashreplace: a lone surrogate in a provider's claim becomes its JSON
             # escape (read back as the same string), never an exception that loses
@@ -259,16 +319,21 @@ class CredentialStore:
             write_atomic(self._path, data.encode("utf-8", "backslashreplace"), mode=_FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot write {self._path}: {_reason(exc)}") from None
+        self.needs_sealing = False
 
     def quarantine(self, *, stamp: str) -> Path | None:
         """Move a corrupt file aside as `<name>.corrupt-<stamp>`, never deleting it (a
         person may want to look), and keep only the newest few such copies. Returns
-        where it went, or None when there was no file."""
+        where it went, or None when there was no file.
+
+        With a key delivered, a file that is not sealed goes aside sealed: what is left
+        of a plain file's tokens must not stay readable beside the sealed store."""
         self._require_lock()
         directory = self._path.parent
         target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
         try:
-            os.rename(self._path, target)
+            if not self._seal_aside(target):
+                os.rename(self._path, target)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -281,6 +346,31 @@ class CredentialStore:
         except OSError as exc:
             log.warning("cleaning up old corrupt copies in %s: %s", directory, _reason(exc))
         return target
+
+    def _seal_aside(self, target: Path) -> bool:
+        """Write a sealed copy of the file at `target` and remove the file; False when it
+        is to be moved as it is (no key, or sealed already). Raises OSError."""
+        sealer = self._encryption.sealer()
+        if sealer is None:
+            return False
+        try:
+            data = read_private(self._path, _MAX_FILE_SIZE)
+        except UnsafeFile:
+            return False  # too large to be tokens, or not a file: moved as it is
+        if data is None:
+            raise FileNotFoundError(self._path)
+        try:
+            if is_sealed(json.loads(data)):
+                return False
+        except (ValueError, RecursionError):
+            pass
+        aside = sealer.seal({"version": SEALED_FORMAT_VERSION,
+                             "content": base64.b64encode(data).decode("ascii")},
+                            [("content",)], purpose=_ASIDE_PURPOSE)
+        write_atomic(target, json.dumps(aside, indent=2).encode("ascii") + b"\n",
+                     mode=_FILE_MODE)
+        remove_durably(self._path)
+        return True
 
     def clear(self) -> None:
         """Remove the file durably (logout). Clearing an absent file is fine."""
@@ -305,6 +395,11 @@ class CredentialStore:
 # Every key is written and every key is required on reading: a missing expires_at, say,
 # must not quietly become "never expires". Unknown keys are ignored. The one exception is
 # "machine_id", added later in version 1: a file without it is from before, and is read.
+#
+# Sealed (version 2): the three tokens are not in "tokens" but in
+#   "sealed": {"cipher": "ChaCha20-Poly1305", "key_id": "...", "nonce": "...",
+#              "ciphertext": "..."}
+# and every other value is bound to them (agent.sealing), unknown keys included.
 
 
 def _encode(credentials: Credentials) -> dict[str, Any]:
@@ -401,17 +496,22 @@ class _Fields:
         return _Fields(self.raw(key), f"{self._where}{key}.", self._path)
 
 
-def _decode(document: object, path: Path) -> Credentials:
-    top = _Fields(document, "", path)
-    version = top.raw("version")
+def _version(document: object, path: Path) -> int:
+    version = _Fields(document, "", path).raw("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise StoreCorrupt(f"{path} is not a valid credential file: version is not a "
                            f"positive integer")
-    if version > FORMAT_VERSION:
+    if version > SEALED_FORMAT_VERSION:
         raise StoreTooNew(
             f"{path} was written by a newer device-agent (format version {version}; this "
-            f"one reads version {FORMAT_VERSION}); upgrade device-agent, or delete the "
-            f"file and sign in again")
+            f"one reads versions up to {SEALED_FORMAT_VERSION}); upgrade device-agent, or "
+            f"delete the file and sign in again")
+    return version
+
+
+def _decode(document: object, path: Path) -> Credentials:
+    top = _Fields(document, "", path)
+    _version(document, path)
     tokens = top.child("tokens")
     return Credentials(
         tokens=TokenSet(

@@ -34,7 +34,11 @@ the agent writes into the file (`tokens.issued_at`). A SIGKILL loses the sign-in
 anywhere from the send to the rename; the directory fsync that follows the rename
 matters to a power cut, not to a kill.
 
-    .venv/bin/python bench/crash_consistency.py --kills 200 [--seed N] [--lanes 2]
+    .venv/bin/python bench/crash_consistency.py --kills 200 [--seed N] [--lanes 2] [--sealed]
+
+`--sealed` runs every agent with a store key where systemd's LoadCredentialEncrypted=
+puts it ($CREDENTIALS_DIRECTORY/store-key) and storage.encryption: required, so every
+write is the sealed format (agent.sealing), and the judge opens it with the same key.
 
 Prints the command line, the kills, the lost sign-ins by cause, and the window
 figures (p50/p99/max ms). Exits 1 on any lost sign-in not explained by a rotation or
@@ -70,6 +74,7 @@ from agent.client import AgentUnavailable, ApiAnswer, call
 from agent.errors import StoreError
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 from agent.idp.provider import RecordedRequest
+from agent.sealing import KEY_SIZE, STORE_KEY, Encryption
 from agent.session import MIN_REFRESH_GAP
 from agent.sessionfile import SessionFile
 from agent.store import Credentials, CredentialStore
@@ -169,6 +174,7 @@ class Report:
     lanes: int
     lifetime: int
     command: str
+    sealed: bool = False
     outcomes: list[Outcome] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -188,7 +194,8 @@ class Report:
     def render(self) -> str:
         lines = [f"$ {self.command}",
                  f"seed {self.seed}; {self.lanes} lane(s); access tokens live {self.lifetime} s; "
-                 f"strict rotation; {self.elapsed:.1f} s",
+                 f"strict rotation; {'sealed' if self.sealed else 'plain'} store; "
+                 f"{self.elapsed:.1f} s",
                  f"kills: {len(self.outcomes)} of {self.kills} ("
                  + ", ".join(f"{plan.value} {self.plans[plan]}" for plan in Plan) + ")"]
         kept = collections.Counter(o.cause for o in self.outcomes if o.cause in HARMLESS)
@@ -317,7 +324,7 @@ class Lane:
     """One agent, its state directory and its own provider, killed `kills` times."""
 
     def __init__(self, index: int, provider: IdentityProvider, root: Path, *, seed: int,
-                 lifetime: int, report: Report) -> None:
+                 lifetime: int, report: Report, sealed: bool = False) -> None:
         self.index = index
         self.provider = provider
         self.rng = random.Random(f"{seed}/{index}")
@@ -330,6 +337,15 @@ class Lane:
         self.log_path = root / "agent.log"
         self.config = root / "config.yaml"
         self.state.mkdir(mode=0o700, parents=True)
+        # What the unit's LoadCredentialEncrypted= would deliver; one key for the lane.
+        self.credentials: Path | None = None
+        self.encryption = Encryption("off")
+        if sealed:
+            self.credentials = root / "credentials"
+            self.credentials.mkdir(mode=0o700)
+            (self.credentials / STORE_KEY).write_bytes(os.urandom(KEY_SIZE))
+            self.encryption = Encryption(
+                "required", environ={"CREDENTIALS_DIRECTORY": str(self.credentials)})
         self.run: _Run | None = None
         self.renames: list[_Rename] = []
         self.creations: list[float] = []
@@ -340,7 +356,8 @@ class Lane:
             "provider": {"issuer": provider.issuer, "client_id": provider.settings.client_id,
                          "allow_insecure_http": True},
             "display": {"type": "none"},
-            "storage": {"path": str(self.store_path)},
+            "storage": {"path": str(self.store_path),
+                        "encryption": "required" if sealed else "off"},
             "api": {"socket": str(self.socket)},
             "sign_in": {"codes_per_hour": 60},
             "logging": {"level": "info"},
@@ -353,7 +370,7 @@ class Lane:
             self.creations.append(at)
         elif mask & _IN_MOVED_TO and name == CREDENTIALS:
             try:
-                credentials = CredentialStore(self.store_path).load()
+                credentials = self.load()
             except StoreError:
                 credentials = None  # a loader's problem is judged after the kill
             self.renames.append(_Rename(at, credentials))
@@ -361,7 +378,7 @@ class Lane:
                 self.run.saw(credentials.tokens.access_token)
 
     def load(self) -> Credentials | None:
-        return CredentialStore(self.store_path).load()
+        return CredentialStore(self.store_path, encryption=self.encryption).load()
 
     def valid(self, credentials: Credentials | None) -> bool:
         token = credentials.tokens.refresh_token if credentials else None
@@ -373,7 +390,7 @@ class Lane:
     async def agent(self) -> AsyncIterator[asyncio.subprocess.Process]:
         with self.log_path.open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
-                *agent_command(self.config), env=_child_env(), cwd=REPO,
+                *agent_command(self.config), env=_child_env(self.credentials), cwd=REPO,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=log)
         try:
@@ -461,7 +478,8 @@ class Lane:
         return self.classify(run)
 
     def choose_plan(self) -> Plan:
-        spent = SessionFile(self.state / "session.json").load().codes_spent
+        spent = SessionFile(self.state / "session.json",
+                            encryption=self.encryption).load().codes_spent
         if len(spent) >= CODES_BEFORE_RESET:
             return Plan.SIGN_IN
         plans = list(PLAN_WEIGHTS)
@@ -697,12 +715,14 @@ def agent_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(credentials: Path | None = None) -> dict[str, str]:
     # Nothing of a service manager or an agent this may itself run under.
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                                  "DEVICE_AGENT_"))}
+                                  "DEVICE_AGENT_", "CREDENTIALS_DIRECTORY"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if credentials is not None:
+        env["CREDENTIALS_DIRECTORY"] = str(credentials)
     return env
 
 
@@ -719,13 +739,14 @@ def _workdir(parent: Path | None) -> Iterator[Path]:
 
 
 async def _lane(index: int, kills: int, root: Path, *, seed: int, lifetime: int,
-                report: Report, echo: Callable[[str], None]) -> None:
+                report: Report, echo: Callable[[str], None], sealed: bool) -> None:
     settings = ProviderSettings(access_token_lifetime=lifetime, rotate_refresh_tokens=True,
                                 interval=POLL_INTERVAL, code_lifetime=600.0,
                                 device_requests_per_hour=1_000_000)
     async with serve_provider(settings) as provider:
         provider.auto_approve(0.0)
-        lane = Lane(index, provider, root, seed=seed, lifetime=lifetime, report=report)
+        lane = Lane(index, provider, root, seed=seed, lifetime=lifetime, report=report,
+                    sealed=sealed)
         watcher = Inotify(lane.state, lane.on_event)
         try:
             for number in range(1, kills + 1):
@@ -743,18 +764,20 @@ async def _lane(index: int, kills: int, root: Path, *, seed: int, lifetime: int,
 
 async def run(kills: int, seed: int, *, lanes: int = 2, lifetime: int = 2,
               workdir: Path | None = None, command: str = "",
-              echo: Callable[[str], None] = lambda line: None) -> Report:
+              echo: Callable[[str], None] = lambda line: None,
+              sealed: bool = False) -> Report:
     """Kill `kills` agents, spread over `lanes` agents side by side (each with its own
-    provider and state directory), and judge every kill."""
+    provider and state directory), and judge every kill; `sealed`: with a store key."""
     if kills < lanes:
         lanes = max(1, kills)
-    report = Report(seed=seed, kills=kills, lanes=lanes, lifetime=lifetime, command=command)
+    report = Report(seed=seed, kills=kills, lanes=lanes, lifetime=lifetime, command=command,
+                    sealed=sealed)
     started = time.monotonic()
     share = [kills // lanes + (1 if i < kills % lanes else 0) for i in range(lanes)]
     with _workdir(workdir) as root:
         await asyncio.gather(*(
             _lane(i, share[i], root / f"lane{i}", seed=seed, lifetime=lifetime, report=report,
-                  echo=echo) for i in range(lanes)))
+                  echo=echo, sealed=sealed) for i in range(lanes)))
     report.outcomes.sort(key=lambda o: (o.lane, o.number))
     report.elapsed = time.monotonic() - started
     return report
@@ -771,6 +794,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="access token lifetime at the provider")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep state directories and agent logs in DIR (must not exist)")
+    parser.add_argument("--sealed", action="store_true",
+                        help="the sealed store format: each agent gets a store key "
+                             "($CREDENTIALS_DIRECTORY/store-key), storage.encryption: required")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per kill")
     args = parser.parse_args(argv)
     if args.lifetime < 1 or args.kills < 1 or args.lanes < 1:
@@ -778,14 +804,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     command = shlex.join([".venv/bin/python", "bench/crash_consistency.py",
                           "--kills", str(args.kills), "--seed", str(seed),
-                          "--lanes", str(args.lanes), "--lifetime", str(args.lifetime)])
+                          "--lanes", str(args.lanes), "--lifetime", str(args.lifetime),
+                          *(["--sealed"] if args.sealed else [])])
     if args.keep is not None:
         args.keep.mkdir(parents=True)
     echo: Callable[[str], None] = (lambda line: print(line, flush=True)) if args.verbose else (
         lambda line: None)
     echo(f"$ {command}")
     report = asyncio.run(run(args.kills, seed, lanes=args.lanes, lifetime=args.lifetime,
-                             workdir=args.keep, command=command, echo=echo))
+                             workdir=args.keep, command=command, echo=echo,
+                             sealed=args.sealed))
     print(report.render())
     return 0 if report.ok else 1
 

@@ -4,8 +4,11 @@ state directory, the test provider with strict rotation)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from bench.crash_consistency import UNAVOIDABLE, Cause, Plan, run
 
@@ -16,9 +19,10 @@ LANES = 5
 SEED = 20260412
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 async def test_a_kill_never_loses_a_sign_in_outside_the_rotation_window(
-        tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
-    report = await run(KILLS, SEED, lanes=LANES, workdir=tmp_path,
+        tmp_path: Path, record_property: Callable[[str, object], None], sealed: bool) -> None:
+    report = await run(KILLS, SEED, lanes=LANES, workdir=tmp_path, sealed=sealed,
                        command=f"tests/test_crash_consistency.py (seed {SEED})", echo=print)
     print(report.render())
     in_window = sum(1 for o in report.outcomes if o.cause in UNAVOIDABLE)
@@ -40,3 +44,8 @@ async def test_a_kill_never_loses_a_sign_in_outside_the_rotation_window(
     # windows measured.
     assert report.plans[Plan.REFRESH] and report.plans[Plan.SIGN_IN], report.render()
     assert any(w.kind == "refresh" for w in report.windows), report.render()
+    if sealed:
+        # What the last starts left is the sealed format, judged above with the key.
+        stores = sorted(tmp_path.glob("lane*/state/credentials.json"))
+        assert len(stores) == LANES
+        assert {json.loads(p.read_text())["version"] for p in stores} == {2}

@@ -72,10 +72,11 @@ def _write_accounts(root: Path) -> None:
 
 
 def _install(root: Path, *, live: bool = False, dry_run: bool = False,
-             runner: Recorder | None = None, program: Path = PROGRAM) -> tuple[int, str]:
+             runner: Recorder | None = None, program: Path = PROGRAM,
+             seal: bool = False) -> tuple[int, str]:
     out = io.StringIO()
     status = install_service(root=root, live=live, dry_run=dry_run, program=program,
-                             runner=runner or Recorder(root), out=out)
+                             runner=runner or Recorder(root), out=out, seal=seal)
     return status, out.getvalue()
 
 
@@ -705,3 +706,145 @@ def test_token_file_directories_reach_the_drop_in_as_one_word_or_not_at_all(
                             capture_output=True, text=True, check=False, timeout=60,
                             env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
     assert "token-files.conf" not in result.stdout + result.stderr, result.stderr
+
+
+# -- issue 13: install-service --seal, with the real systemd-creds -------------------------
+
+STORE_KEY_CRED = Path("etc/device-agent/store-key.cred")
+STORE_KEY_DROP_IN = Path("etc/systemd/system/device-agent.service.d/store-key.conf")
+
+
+@pytest.fixture
+def host_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The real systemd-creds, with its host key in the test's directory instead of
+    /var/lib/systemd/credential.secret ($SYSTEMD_CREDENTIAL_SECRET, systemd's own switch
+    for it): nothing of this machine's is read or changed."""
+    _tool("systemd-creds")
+    secret = tmp_path / "host" / "credential.secret"
+    secret.parent.mkdir()
+    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(secret))
+    return secret
+
+
+def _has_tpm2() -> bool:
+    return subprocess.run(["systemd-creds", "has-tpm2"], capture_output=True, check=False,
+                          timeout=60).returncode == 0
+
+
+def _decrypt(sealed: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["systemd-creds", "decrypt", "--name=store-key", str(sealed), "-"],
+                          capture_output=True, check=False, timeout=60)
+
+
+def _settings(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines()
+            if line and not line.startswith("#")]
+
+
+def test_seal_makes_a_key_seals_it_and_loads_it_in_a_drop_in(
+        tmp_path: Path, host_key: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    runner = Recorder(root)
+    status, out = _install(root, live=True, runner=runner, seal=True)
+    assert status == 0, out
+    print(out)
+    sealed = root / STORE_KEY_CRED
+    assert _mode(sealed) == 0o600
+    opened = _decrypt(sealed)
+    assert opened.returncode == 0, opened.stderr
+    key = opened.stdout
+    assert len(key) == 32
+    assert key not in sealed.read_bytes()
+    assert _settings(root / STORE_KEY_DROP_IN) == [
+        "[Service]", "LoadCredentialEncrypted=store-key:/etc/device-agent/store-key.cred"]
+    assert _mode(root / STORE_KEY_DROP_IN) == 0o644
+    # The TPM2 and the host key where systemd-creds finds a TPM2, else the host key; and
+    # it says which, as the sealed file's header has it.
+    if _has_tpm2():
+        assert f"sealed a new store key to this device's TPM2 and the host key into " \
+               f"{sealed}" in out
+    else:
+        assert f"sealed a new store key to the host key into {sealed} (no TPM2 here: " \
+               f"systemd-creds has-tpm2 says " in out
+    assert ["systemctl", "daemon-reload"] in runner.calls
+    said = out + capfd.readouterr().err
+    for form in (key.hex(), key.hex().upper()):
+        assert form not in said
+    assert not list(root.rglob("*store-key")), "the plain key reached a file"
+
+    # Again: the key stays, and the drop-in with it.
+    before = _snapshot(root)
+    runner.calls.clear()
+    status, out = _install(root, live=True, runner=runner, seal=True)
+    assert status == 0, out
+    assert _snapshot(root) == before
+    kind = "this device's TPM2 and the host key" if _has_tpm2() else "the host key"
+    assert f"unchanged {sealed} (sealed to {kind}; an existing key is never replaced" in out
+    assert runner.calls == []
+    assert _decrypt(sealed).stdout == key
+
+    # Without --seal, nothing of it is undone.
+    status, out = _install(root, live=True, runner=runner)
+    assert status == 0 and _snapshot(root) == before
+
+
+def test_seal_dry_run_says_what_it_would_do_and_does_nothing(
+        tmp_path: Path, host_key: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    runner = Recorder(root)
+    status, out = _install(root, live=True, dry_run=True, runner=runner, seal=True)
+    assert status == 0, out
+    assert list(root.iterdir()) == []
+    assert not host_key.exists()  # nothing sealed, not even the host key made
+    kind = "this device's TPM2 and the host key" if _has_tpm2() else "the host key"
+    assert f"would seal a new 32-byte store key to {kind} into {root / STORE_KEY_CRED}" in out
+    assert f"would write {root / STORE_KEY_DROP_IN} (mode 0644)" in out
+
+
+def test_seal_into_an_image_is_refused(tmp_path: Path) -> None:
+    status, out = _install(tmp_path, seal=True)
+    assert status == 2
+    assert "on the device itself" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_seal_leaves_no_key_and_no_drop_in(tmp_path: Path, host_key: Path) -> None:
+    # A damaged host key (too short to be one): systemd-creds itself refuses.
+    host_key.write_bytes(b"short")
+    host_key.chmod(0o400)
+    root = tmp_path / "root"
+    root.mkdir()
+    status, out = _install(root, live=True, seal=True)
+    assert status == 70, out
+    assert "systemd-creds encrypt failed" in out
+    assert not (root / STORE_KEY_CRED).exists()
+    assert not (root / STORE_KEY_DROP_IN).exists()
+
+
+def test_the_cli_takes_seal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runner = Recorder(tmp_path)
+    assert _cli(["install-service", "--seal", "--root", str(tmp_path)], runner) == 2
+    assert "--seal" in capsys.readouterr().out
+    assert runner.calls == []
+
+
+def test_the_unit_with_the_store_key_drop_in_verifies_and_scores_as_before(
+        tmp_path: Path, host_key: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    status, out = _install(tmp_path, live=True, seal=True, program=Path(sys.executable))
+    assert status == 0, out
+    units = tmp_path / "units"
+    (units / "device-agent.service.d").mkdir(parents=True)
+    shutil.copy(tmp_path / SERVICE, units / "device-agent.service")
+    shutil.copy(tmp_path / STORE_KEY_DROP_IN, units / "device-agent.service.d")
+    result = subprocess.run([analyze, "verify", str(units / "device-agent.service")],
+                            capture_output=True, text=True, check=False, timeout=60,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    said = result.stdout + result.stderr
+    assert "store-key" not in said and "LoadCredentialEncrypted" not in said, said
+    report = subprocess.run(
+        [analyze, "security", "--offline=true", f"--root={tmp_path}", "device-agent.service"],
+        capture_output=True, text=True, check=False, timeout=60).stdout
+    assert "Overall exposure level for device-agent.service: 1.5 OK" in report, report

@@ -495,12 +495,15 @@ def test_fifo_in_place_of_the_file_does_not_hang(
 
 def test_file_of_a_newer_version_is_named_and_not_used(
         path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The newest version this agent reads is the sealed format's.
+    from agent.sessionfile import SEALED_FORMAT_VERSION
+
     document = document_of(FULL)
-    document["version"] = FORMAT_VERSION + 1
+    document["version"] = SEALED_FORMAT_VERSION + 1
     write_raw(path, json.dumps(document).encode())
     record, message = load_with_one_warning(path, caplog)
     assert record == SessionRecord()
-    assert "newer" in message and f"version {FORMAT_VERSION + 1}" in message
+    assert "newer" in message and f"version {SEALED_FORMAT_VERSION + 1}" in message
 
 
 def _code_with(**changes: Any) -> Callable[[dict[str, Any]], None]:

@@ -385,13 +385,16 @@ def test_non_finite_time_is_corrupt(store: CredentialStore, number: str) -> None
 def test_file_of_a_newer_version_is_refused_not_corrupt(store: CredentialStore) -> None:
     # Issue 9 item 13: an upgrade reads it, so it is never moved aside as corrupt.
     document = saved_document(store)
-    document["version"] = FORMAT_VERSION + 1
+    # The newest version this agent reads is the sealed format's.
+    from agent.store import SEALED_FORMAT_VERSION
+
+    document["version"] = SEALED_FORMAT_VERSION + 1
     write_raw(store.path, json.dumps(document).encode())
     before = store.path.read_bytes()
     with pytest.raises(StoreTooNew) as caught:
         store.load()
     assert not isinstance(caught.value, StoreCorrupt)
-    assert f"version {FORMAT_VERSION + 1}" in str(caught.value)
+    assert f"version {SEALED_FORMAT_VERSION + 1}" in str(caught.value)
     assert "newer" in str(caught.value)
     assert store.path.read_bytes() == before
 
@@ -661,9 +664,13 @@ CRASH_SPAWNER = "\n".join([
     "from pathlib import Path",
     "from agent.oauth.models import TokenSet",
     "from agent.store import CredentialStore, Credentials",
+    "from agent.sealing import Encryption",
     textwrap.dedent(inspect.getsource(make_credentials)),
     textwrap.dedent("""
         path, size = Path(sys.argv[1]), int(sys.argv[2])
+        # With a third argument, the directory systemd would deliver the store key in.
+        keys = {"CREDENTIALS_DIRECTORY": sys.argv[3]} if len(sys.argv) > 3 else {}
+        encryption = Encryption("required" if keys else "off", environ=keys)
         a, b = make_credentials("A", size), make_credentials("B", size)
         for line in sys.stdin:
             if line == "spawn\\n":
@@ -673,7 +680,7 @@ CRASH_SPAWNER = "\n".join([
                 if pid == 0:
                     try:
                         os.close(ready_r)
-                        store = CredentialStore(path)
+                        store = CredentialStore(path, encryption=encryption)
                         store.open()
                         store.save(a)
                         os.write(ready_w, b"r")
@@ -695,13 +702,24 @@ CRASH_SPAWNER = "\n".join([
 ])
 
 
-def test_kill_9_during_saves_leaves_the_old_or_the_new_file(path: Path) -> None:
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_kill_9_during_saves_leaves_the_old_or_the_new_file(path: Path, tmp_path: Path,
+                                                            sealed: bool) -> None:
+    from agent.sealing import KEY_SIZE, STORE_KEY, Encryption
+
     a, b = make_credentials("A", CRASH_TOKEN_SIZE), make_credentials("B", CRASH_TOKEN_SIZE)
     rng = random.Random(8628)
     outcomes = {"A": 0, "B": 0}
     temps_left = 0
-    with subprocess.Popen([sys.executable, "-c", CRASH_SPAWNER, str(path),
-                           str(CRASH_TOKEN_SIZE)], env=_child_env(), text=True,
+    argv = [sys.executable, "-c", CRASH_SPAWNER, str(path), str(CRASH_TOKEN_SIZE)]
+    encryption = Encryption("off")
+    if sealed:
+        keys = tmp_path / "credentials"
+        keys.mkdir()
+        (keys / STORE_KEY).write_bytes(os.urandom(KEY_SIZE))
+        argv.append(str(keys))
+        encryption = Encryption("required", environ={"CREDENTIALS_DIRECTORY": str(keys)})
+    with subprocess.Popen(argv, env=_child_env(), text=True,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as spawner:
         assert spawner.stdin is not None and spawner.stdout is not None
 
@@ -725,14 +743,20 @@ def test_kill_9_during_saves_leaves_the_old_or_the_new_file(path: Path) -> None:
                 left = temp_files(path)
                 assert len(left) <= 1  # only the write in flight, never an accumulation
                 temps_left += len(left)
-                with CredentialStore(path) as store:  # the kill released the lock
+                with CredentialStore(path, encryption=encryption) as store:
+                    # The kill released the lock; open() swept what it left.
                     assert temp_files(path) == []
                     loaded = store.load()
                 assert loaded in (a, b)
+                if sealed:
+                    on_disk = path.read_text()
+                    assert not [s for s in secrets_of(loaded)
+                                if s[:24] in on_disk or s[-24:] in on_disk]
                 outcomes["A" if loaded == a else "B"] += 1
         finally:
             spawner.kill()
-    print(f"\n{CRASH_KILLS} kills: {outcomes['A']} ended as A, {outcomes['B']} as B, "
+    print(f"\n{CRASH_KILLS} kills ({'sealed' if sealed else 'plain'}): "
+          f"{outcomes['A']} ended as A, {outcomes['B']} as B, "
           f"{temps_left} left a temporary file behind")
     assert sum(outcomes.values()) == CRASH_KILLS
     assert outcomes["A"] and outcomes["B"], "the kills never caught the writer mid-way"
