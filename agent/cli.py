@@ -12,13 +12,9 @@ loop); 130 interrupted. README's table lists them with the commands that use eac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +24,9 @@ from agent import __version__
 from agent.errors import STORE_NEEDS_A_PERSON, AgentError, ConfigError, StoreError
 
 if TYPE_CHECKING:
+    import asyncio
+    import logging
+
     from agent.config import AgentConfig
 
 __all__ = ["main"]
@@ -42,7 +41,13 @@ EX_CONFIG = 78
 
 DEFAULT_CONFIG = Path("/etc/device-agent/config.yaml")
 
-log = logging.getLogger("agent.cli")
+
+def _log() -> logging.Logger:
+    # Imported when a command logs: `token` and the other socket commands never do, and
+    # logging's imports are a tenth of their start-up.
+    import logging
+
+    return logging.getLogger("agent.cli")
 
 
 def _config_path(arg: str | None) -> Path:
@@ -55,6 +60,9 @@ def _fail(message: str, status: int) -> int:
 
 
 def _install_shutdown(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -74,13 +82,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("provider.issuer", placeholder.removeprefix("provider.issuer "))
     except ConfigError as exc:
         setup_logging("info")
-        log.error("configuration error: %s", exc)
+        _log().error("configuration error: %s", exc)
         return _fail(f"configuration error: {exc}", EX_CONFIG)
     setup_logging(config.logging.level)
     return _run_service(config)
 
 
 def _run_service(config: AgentConfig, **serve_args: Any) -> int:
+    import asyncio
+
     from agent.service import serve
 
     async def main() -> None:
@@ -90,17 +100,17 @@ def _run_service(config: AgentConfig, **serve_args: Any) -> int:
     try:
         asyncio.run(main())
     except ConfigError as exc:
-        log.error("configuration error: %s", exc)
+        _log().error("configuration error: %s", exc)
         return EX_CONFIG
     except STORE_NEEDS_A_PERSON as exc:
         # Restarting will not fix permissions, a newer file or a missing key; a person must.
-        log.error("%s", exc)
+        _log().error("%s", exc)
         return EX_CONFIG
     except StoreError as exc:
-        log.error("%s", exc)
+        _log().error("%s", exc)
         return EX_TEMPFAIL
     except AgentError as exc:
-        log.error("%s", exc)
+        _log().error("%s", exc)
         return EX_SOFTWARE
     return EX_OK
 
@@ -110,6 +120,9 @@ def _run_service(config: AgentConfig, **serve_args: Any) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The agent against the built-in test identity provider, on 127.0.0.1 unless
     --host says otherwise; a phone approves through --public-url or that host."""
+    import asyncio
+    import tempfile
+
     from agent.config import config_from_mapping, default_socket_path
     from agent.logs import setup_logging
 
@@ -138,10 +151,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 args.host, provider.base_url)
             settings.public_url = shown
             if note:
-                log.info("%s", note)
+                _log().info("%s", note)
             if open_to_the_network(args.host):
-                log.warning("the demo provider is open to the network: anyone who reaches "
-                            "it can approve a code as a demo user")
+                _log().warning("the demo provider is open to the network: anyone who "
+                               "reaches it can approve a code as a demo user")
             if args.approve_after is not None:
                 provider.auto_approve(args.approve_after, user="alice")
             with tempfile.TemporaryDirectory(prefix="device-agent-demo-") as state:
@@ -158,8 +171,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 "encryption": "off"},
                     "api": {"socket": str(args.socket or default_socket_path())},
                 })
-                log.info("demo identity provider at %s; approval page: %s/device",
-                         provider.base_url, shown or provider.base_url)
+                _log().info("demo identity provider at %s; approval page: %s/device",
+                            provider.base_url, shown or provider.base_url)
                 from agent.service import serve
 
                 await serve(config, shutdown=stop.wait())
@@ -437,6 +450,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check_provider(args: argparse.Namespace) -> int:
+    import asyncio
+
     from agent.config import load_config
     from agent.diagnose import check_provider
 
@@ -452,7 +467,9 @@ def cmd_check_provider(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command line; `argv`, when given, lets the parser leave out the commands it
+    cannot name."""
     parser = argparse.ArgumentParser(
         prog="device-agent",
         description="Sign this device in with the OAuth 2.0 device flow and keep its token fresh.")
@@ -529,23 +546,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "authentik's 20 requests an hour)")
     provider.set_defaults(func=cmd_check_provider)
 
-    from agent.display.render import register as register_render
-    from agent.install import register as register_install
+    if not argv or argv[0] not in sub.choices:
+        # These two bring modules of their own: a token read, which names a command
+        # above, does not pay for importing them to build its parser.
+        from agent.display.render import register as register_render
+        from agent.install import register as register_install
 
-    register_render(sub)
-    register_install(sub)
+        register_render(sub)
+        register_install(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    started = time.monotonic()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         status: int = args.func(args)
     except KeyboardInterrupt:
         status = 130
-    log.debug("%s finished in %.2f s", args.command, time.monotonic() - started)
     return status
 
 

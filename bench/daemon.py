@@ -1,0 +1,318 @@
+"""The daemon's own costs: start-up to READY, resident memory, idle wakeups, and the
+time from a person's approval to a served token.
+
+`device-agent run` runs in a child process, as systemd starts it (a listener on
+`NOTIFY_SOCKET` receives READY=1), against the test provider served by this process on
+loopback, with `--display console` (stdout not a terminal, as under systemd) and, for
+the OLED figures, an SSD1306 on an I2C bus that does not exist (luma is loaded and the
+panel retried, as on a device whose panel came loose).
+
+1. Sign-in: the provider approves `--approve-after` seconds after a code is issued;
+   the time from that approval to the first `GET /v1/token` answered 200 is reported.
+2. Resident memory (VmRSS) settled after sign-in; then after 1,000 sequential
+   connect-and-close cycles, 200 concurrent connections held and closed, and 10,000
+   token requests from 50 keep-alive clients.
+3. Idle: CPU time and context switches (wakeups) over `--idle` seconds while signed in.
+4. Cold start: `--starts` restarts with the credentials on disk; spawn to READY=1.
+
+Beside them, the import floor: a bare interpreter with aiohttp, aiohttp.web, yaml and
+qrcode imported.
+
+    .venv/bin/python bench/daemon.py [--idle 60] [--starts 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from installed import plain_install
+
+from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN_REQUEST = b"GET /v1/token HTTP/1.1\r\nHost: agent\r\n\r\n"
+PATIENCE = 60.0  # a guard against a hung agent, never a measure
+
+DISPLAYS: dict[str, dict[str, Any]] = {
+    "console": {"type": "console"},
+    "oled": {"type": "ssd1306", "options": {"interface": "i2c", "port": 99}},
+}
+
+
+def _status_kib(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _switches(pid: int) -> int:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return int(status_line.split()[1]), await reader.readexactly(length)
+
+
+async def _get(path: Path, target: str) -> tuple[int, bytes] | None:
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return None
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+                     .encode())
+        return await _answer(reader)
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+        return None
+    finally:
+        writer.close()
+
+
+class Agent:
+    def __init__(self, workdir: Path, idp: IdentityProvider, display: dict[str, Any],
+                 program: Path) -> None:
+        self.workdir = workdir
+        self.program = program
+        self.socket = workdir / "agent.sock"
+        self.notify = workdir / "notify.sock"
+        self.config = workdir / "config.yaml"
+        self.config.write_text(json.dumps({  # JSON is YAML
+            "provider": {"issuer": idp.issuer, "client_id": idp.settings.client_id,
+                         "allow_insecure_http": True},
+            "display": display,
+            "storage": {"path": str(workdir / "state" / "credentials.json")},
+            "api": {"socket": str(self.socket)},
+            "logging": {"level": "info"},
+        }))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Spawns the agent; returns seconds from spawn to READY=1."""
+        self.notify.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(str(self.notify))
+        listener.settimeout(PATIENCE)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LISTEN_", "WATCHDOG_", "DEVICE_AGENT_"))}
+        env["NOTIFY_SOCKET"] = str(self.notify)
+        log = (self.workdir / "agent.log").open("ab")
+        try:
+            started = time.perf_counter()
+            self.proc = subprocess.Popen(
+                [str(self.program), "run", "--config",
+                 str(self.config)], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log)
+            while True:
+                message = listener.recv(4096)
+                if b"READY=1" in message.split(b"\n"):
+                    return time.perf_counter() - started
+        finally:
+            listener.close()
+            log.close()
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(PATIENCE)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mib(self) -> float:
+        return _status_kib(self.pid, "VmRSS") / 1024
+
+    async def state(self) -> str | None:
+        answer = await _get(self.socket, "/v1/status")
+        if answer is None or answer[0] != 200:
+            return None
+        return str(json.loads(answer[1])["state"])
+
+    async def until(self, what: str, holds: Any) -> None:
+        async with asyncio.timeout(PATIENCE):
+            while not await holds():
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"the agent exited ({self.proc.returncode}) "
+                                       f"before {what}")
+                await asyncio.sleep(0.005)
+
+
+async def _settle(agent: Agent, seconds: float = 3.0) -> float:
+    """RSS once it has stopped moving: the largest of a few samples a second apart."""
+    samples = []
+    for _ in range(int(seconds)):
+        await asyncio.sleep(1.0)
+        samples.append(agent.rss_mib())
+    return max(samples[-2:])
+
+
+async def _connect_and_close(path: Path, cycles: int) -> None:
+    for _ in range(cycles):
+        _, writer = await asyncio.open_unix_connection(str(path))
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _hold_connections(path: Path, count: int) -> None:
+    writers = []
+    for _ in range(count):
+        _, writer = await asyncio.open_unix_connection(str(path))
+        writers.append(writer)
+    await asyncio.sleep(1.0)
+    for writer in writers:
+        writer.close()
+
+
+async def _token_requests(path: Path, total: int, clients: int) -> None:
+    async def client(count: int) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        for _ in range(count):
+            writer.write(TOKEN_REQUEST)
+            status, _ = await _answer(reader)
+            if status != 200:
+                raise RuntimeError(f"GET /v1/token answered {status}")
+        writer.close()
+
+    await asyncio.gather(*(client(total // clients) for _ in range(clients)))
+
+
+async def _one_display(idp: IdentityProvider, name: str, args: argparse.Namespace,
+                       root: Path, program: Path) -> dict[str, Any]:
+    workdir = root / name
+    workdir.mkdir()
+    agent = Agent(workdir, idp, DISPLAYS[name], program)
+    figures: dict[str, Any] = {}
+    first_ready = agent.start()
+    try:
+        await agent.until("a code", lambda: _has_code(idp))
+        approved_at = time.perf_counter() + args.approve_after
+        await asyncio.sleep(args.approve_after)
+        idp.approve()
+
+        async def served() -> bool:
+            answer = await _get(agent.socket, "/v1/token")
+            return answer is not None and answer[0] == 200
+
+        await agent.until("a token was served", served)
+        figures["approval_to_token_s"] = time.perf_counter() - approved_at
+        figures["first_ready_ms"] = first_ready * 1000
+        figures["rss_signed_in"] = await _settle(agent)
+        await _connect_and_close(agent.socket, 1000)
+        figures["rss_after_cycles"] = await _settle(agent)
+        await _hold_connections(agent.socket, 200)
+        figures["rss_after_held"] = await _settle(agent)
+        await _token_requests(agent.socket, 10_000, 50)
+        figures["rss_after_requests"] = await _settle(agent)
+        cpu, switches = _cpu_seconds(agent.pid), _switches(agent.pid)
+        await asyncio.sleep(args.idle)
+        figures["idle_cpu_percent"] = (_cpu_seconds(agent.pid) - cpu) / args.idle * 100
+        figures["idle_wakeups_per_s"] = (_switches(agent.pid) - switches) / args.idle
+    finally:
+        agent.stop()
+    starts = []
+    for _ in range(args.starts):
+        starts.append(agent.start() * 1000)
+        await agent.until("signed in", lambda: _signed_in(agent))
+        agent.stop()
+    figures["cold_start_ms"] = starts
+    return figures
+
+
+async def _has_code(idp: IdentityProvider) -> bool:
+    return any(request.path.endswith("/device/") and request.status == 200
+               for request in idp.requests)
+
+
+async def _signed_in(agent: Agent) -> bool:
+    return await agent.state() == "signed_in"
+
+
+def _import_floor(python: Path) -> float:
+    code = ("import aiohttp, aiohttp.web, yaml, qrcode; "
+            "print(next(l.split()[1] for l in open('/proc/self/status') "
+            "if l.startswith('VmRSS')))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out) / 1024
+
+
+def _spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    return (f"median {statistics.median(ordered):.0f} "
+            f"(p10 {ordered[len(ordered) // 10]:.0f}, "
+            f"p90 {ordered[max(0, len(ordered) * 9 // 10 - 1)]:.0f})")
+
+
+async def _main(args: argparse.Namespace) -> int:
+    settings = ProviderSettings(interval=1)
+    with tempfile.TemporaryDirectory(prefix="da-bench-") as tmp:
+        bin_dir = plain_install(Path(tmp))
+        async with serve_provider(settings) as idp:
+            results = {name: await _one_display(idp, name, args, Path(tmp), bin_dir /
+                                                "device-agent")
+                       for name in args.displays}
+        floor = _import_floor(bin_dir / "python")
+    print(f"$ python bench/daemon.py --idle {args.idle:g} --starts {args.starts} "
+          f"--approve-after {args.approve_after:g} --displays {' '.join(args.displays)}")
+    print("device-agent from `pip install .` in a fresh venv")
+    print(f"import floor (aiohttp, aiohttp.web, yaml, qrcode): {floor:.1f} MiB")
+    for name, figures in results.items():
+        steady = figures["rss_signed_in"]
+        print(f"\n[{name}]")
+        print(f"  cold start to READY, ms:           {_spread(figures['cold_start_ms'])}")
+        print(f"  first start to READY, ms:          {figures['first_ready_ms']:.0f}")
+        print(f"  approval -> token served, s:       {figures['approval_to_token_s']:.2f} "
+              f"(poll interval {settings.interval} s)")
+        print(f"  RSS signed in, settled:            {steady:.1f} MiB")
+        for label, key in (("after 1,000 connect-and-close:", "rss_after_cycles"),
+                           ("after 200 concurrent connections:", "rss_after_held"),
+                           ("after 10,000 token requests:", "rss_after_requests")):
+            print(f"  RSS {label:34} {figures[key]:.1f} MiB "
+                  f"({figures[key] - steady:+.1f})")
+        print(f"  idle over {args.idle:g} s:                   "
+              f"CPU {figures['idle_cpu_percent']:.3f} %, "
+              f"{figures['idle_wakeups_per_s']:.2f} context switches/s")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--starts", type=int, default=15)
+    # Not a whole number of poll intervals, so the approval lands between two polls.
+    parser.add_argument("--approve-after", type=float, default=2.5)
+    parser.add_argument("--displays", nargs="+", default=list(DISPLAYS), choices=DISPLAYS)
+    return asyncio.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

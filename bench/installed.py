@@ -1,0 +1,25 @@
+"""device-agent installed as the Pi guide installs it: `pip install .` into a fresh venv,
+not the editable install of the project's own .venv (whose import finder costs every
+start-up a few milliseconds)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_install(where: Path) -> Path:
+    """A venv under `where` with device-agent installed from the working tree; returns
+    its bin directory."""
+    # From a copy: pip builds in the source tree, and would leave build/ in the repository.
+    source = where / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "node_modules", "build", "__pycache__", "*.egg-info"))
+    venv = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], check=True)
+    return venv / "bin"

@@ -1,0 +1,131 @@
+"""`device-agent token` end to end, as a shell script calls it, beside the floor.
+
+Starts `device-agent demo` (built-in provider, codes approved at once) in a child
+process and, once it is signed in, runs in turn, interleaved so that the machine's
+drift hits each alike:
+
+- `python -S -c pass`-like floor: the bare interpreter (`python -c pass`);
+- a raw AF_UNIX client in Python (the least a Python token read can cost);
+- `device-agent token` from a non-editable install in a temporary venv (`pip install .`,
+  as the Pi guide installs it), and from the project's editable venv, whose import
+  finder adds its own cost.
+
+Prints the median and the spread (p10-p90) of wall time per run, and the peak RSS of
+each (the child's `ru_maxrss`).
+
+    .venv/bin/python bench/token_cli.py [--runs 60] [--command token]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from installed import plain_install
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RAW_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"GET /v1/token HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+body = data.split(b"\r\n\r\n", 1)[1]
+sys.stdout.write(body[body.index(b'"access_token": "') + 17:].split(b'"')[0].decode())
+"""
+
+
+def _state(path: str) -> str | None:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return str(json.loads(data.split(b"\r\n\r\n", 1)[1])["state"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and the peak RSS (KiB) of one run of `argv`."""
+    started = time.perf_counter()
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    _, status, usage = os.wait4(pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {os.waitstatus_to_exitcode(status)}")
+    return elapsed, usage.ru_maxrss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--command", default="token",
+                        help="the subcommand to time (token, status, ...)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="da-bench-") as tmp:
+        path = str(Path(tmp) / "agent.sock")
+        plain = plain_install(Path(tmp)) / "device-agent"
+        editable = ROOT / ".venv" / "bin" / "device-agent"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DEVICE_AGENT_SOCKET": path,
+               "HOME": tmp}
+        agent = subprocess.Popen(
+            [str(editable), "demo", "--approve-after", "0", "--display", "none",
+             "--socket", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while _state(path) != "signed_in":
+                if time.monotonic() > deadline or agent.poll() is not None:
+                    print("the agent did not sign in", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            python = str(Path(sys.executable).resolve())
+            cases = {
+                "python -c pass": [python, "-c", "pass"],
+                "raw AF_UNIX client (Python)": [python, "-c", RAW_CLIENT, path],
+                f"device-agent {args.command} (pip install .)": [str(plain), args.command],
+                f"device-agent {args.command} (editable)": [str(editable), args.command],
+            }
+            if args.command == "status":
+                for name in list(cases):
+                    if name.startswith("device-agent"):
+                        cases[name] = [*cases[name], "--json"]
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            rss: dict[str, list[int]] = {name: [] for name in cases}
+            for argv in cases.values():  # warm the page cache
+                _run_once(argv, env)
+            for _ in range(args.runs):
+                for name, argv in cases.items():
+                    elapsed, peak = _run_once(argv, env)
+                    times[name].append(elapsed)
+                    rss[name].append(peak)
+            print(f"$ python bench/token_cli.py --runs {args.runs} --command {args.command}")
+            print(f"{'':44} {'median ms':>10} {'p10-p90 ms':>14} {'peak RSS MB':>12}")
+            for name in cases:
+                ms = sorted(t * 1000 for t in times[name])
+                p10, p90 = ms[len(ms) // 10], ms[len(ms) * 9 // 10 - 1]
+                print(f"{name:44} {statistics.median(ms):>10.1f} "
+                      f"{p10:>6.1f}-{p90:<7.1f} {max(rss[name]) / 1024:>12.1f}")
+        finally:
+            agent.terminate()
+            agent.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

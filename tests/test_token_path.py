@@ -1,0 +1,156 @@
+"""`device-agent token` as a shell script calls it: a child process that imports only
+what a token read uses, and the small HTTP client it talks to the agent with.
+
+The agent here is a Unix socket served from a thread of the test, answering bytes the
+test chose, so odd answers (chunked, cut short, not HTTP) can be sent at will; the
+real agent behind the real client is in test_cli.py and test_service_process.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentUnavailable, call
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = {"access_token": "at-0123456789abcdef", "token_type": "Bearer", "expires_in": 3599}
+
+# Modules a token read has no use for: each costs milliseconds on a Pi, on every call.
+NOT_FOR_A_TOKEN_READ = ["asyncio", "http.client", "ssl", "logging", "yaml", "aiohttp",
+                        "tempfile", "concurrent.futures", "agent.config",
+                        "agent.display.render", "agent.install", "email"]
+
+
+class CannedAgent:
+    """Answers each connection with `answer` after reading the request's head."""
+
+    def __init__(self, path: Path, answer: bytes) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.requests.append(head)
+                connection.sendall(self.answer)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(timeout=10)
+
+
+def http_answer(body: bytes, *, status: str = "200 OK", chunked: bool = False) -> bytes:
+    if chunked:
+        middle = len(body) // 2
+        framed = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
+                          for part in (body[:middle], body[middle:]) if part) + b"0\r\n\r\n"
+        return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n").encode() + framed
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def agent_at(tmp_path: Path) -> Iterator[tuple[Path, list[CannedAgent]]]:
+    path = tmp_path / "agent.sock"
+    made: list[CannedAgent] = []
+    yield path, made
+    for agent in made:
+        agent.close()
+
+
+def serve(where: tuple[Path, list[CannedAgent]], answer: bytes) -> CannedAgent:
+    path, made = where
+    agent = CannedAgent(path, answer)
+    made.append(agent)
+    return agent
+
+
+@pytest.mark.parametrize(("argv", "answer", "printed"), [
+    (["token"], TOKEN, TOKEN["access_token"]),
+    (["status", "--json"], {"state": "signed_in"}, "{"),
+    (["login"], {"next_code_in": 0}, "a new code is on the screen"),
+    (["logout"], {"revocation": "confirmed"}, "signed out; the provider confirmed"),
+    (["refresh"], {"token_expires_at": "2027-01-15T13:00:00Z"}, "refreshed"),
+], ids=["token", "status-json", "login", "logout", "refresh"])
+def test_the_socket_commands_import_only_what_they_use(
+        agent_at: tuple[Path, list[CannedAgent]], argv: list[str], answer: dict[str, object],
+        printed: str) -> None:
+    # What scripts call, often: each import a command does not use is paid on every call.
+    serve(agent_at, http_answer(json.dumps(answer).encode()))
+    code = (f"import sys; from agent.cli import main; status = main({argv!r}); "
+            f"print(status, *sorted(m for m in {NOT_FOR_A_TOKEN_READ!r} if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_AGENT")}
+    env["DEVICE_AGENT_SOCKET"] = str(agent_at[0])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=False, cwd=ROOT)
+    lines = result.stdout.splitlines()
+    assert lines and lines[0].startswith(printed), result.stderr
+    assert lines[-1] == "0", f"status and modules imported for nothing: {lines[-1]}"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_the_client_reads_an_answer_framed_either_way(
+        agent_at: tuple[Path, list[CannedAgent]], chunked: bool) -> None:
+    agent = serve(agent_at, http_answer(json.dumps(TOKEN).encode(), chunked=chunked))
+    answer = call(agent_at[0], "GET", "/v1/token?min_ttl=60", timeout=10)
+    assert answer.ok and answer.body == TOKEN
+    request_line, *headers = agent.requests[0].decode().split("\r\n")
+    assert request_line == "GET /v1/token?min_ttl=60 HTTP/1.1"
+    assert "Accept: application/json" in headers
+
+
+def test_an_error_answer_keeps_the_apis_error_and_message(
+        agent_at: tuple[Path, list[CannedAgent]]) -> None:
+    body = json.dumps({"error": "not_signed_in", "message": "no sign-in yet"}).encode()
+    serve(agent_at, http_answer(body, status="503 Service Unavailable"))
+    answer = call(agent_at[0], "GET", "/v1/token", timeout=10)
+    assert (answer.status, answer.error, answer.message) == (503, "not_signed_in",
+                                                             "no sign-in yet")
+
+
+@pytest.mark.parametrize("answer", [
+    b"",
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"access_token\": \"at-",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 2OO OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+], ids=["nothing", "not-http", "cut-short", "bad-chunk", "bad-status", "bad-length"])
+def test_a_broken_answer_is_a_typed_error(
+        agent_at: tuple[Path, list[CannedAgent]], answer: bytes) -> None:
+    serve(agent_at, answer)
+    with pytest.raises(AgentUnavailable, match=r"broken answer|closed the connection"):
+        call(agent_at[0], "GET", "/v1/token", timeout=10)
+
+
+def test_an_answer_without_json_is_reported_not_raised(
+        agent_at: tuple[Path, list[CannedAgent]]) -> None:
+    serve(agent_at, http_answer(b"<html>proxy error</html>", status="502 Bad Gateway"))
+    answer = call(agent_at[0], "GET", "/v1/token", timeout=10)
+    assert answer.status == 502 and answer.error == "bad_answer"
