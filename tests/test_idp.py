@@ -210,6 +210,23 @@ async def test_device_code_shape(wire: Wire, provider: IdentityProvider) -> None
     assert provider.requests[-1].form["device_code"] == device_code
 
 
+async def test_device_code_alphabet_can_be_plain(
+        wire: Wire, provider: IdentityProvider, settings: ProviderSettings) -> None:
+    settings.device_code_alphabet = string.ascii_letters + string.digits
+    codes = await wire.device()
+    device_code = codes["device_code"]
+    assert len(device_code) == 128
+    assert set(device_code) <= set(string.ascii_letters + string.digits)
+    # As oidc-agent 4.2.6 sends it: the form body put together without URL-encoding.
+    raw = (f"grant_type={DEVICE_GRANT}&device_code={device_code}"
+           f"&client_id={settings.client_id}")
+    provider.approve(codes["user_code"])
+    async with wire.http.post(wire.url("/application/o/token/"), data=raw, headers={
+            "Content-Type": "application/x-www-form-urlencoded"}) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["access_token"]
+
+
 async def test_interval_omitted_and_lifetime_configurable(
         wire: Wire, settings: ProviderSettings) -> None:
     settings.interval = None

@@ -154,6 +154,11 @@ class ProviderSettings:
     # matches the code exactly, and so does the default, so that the tests catch a
     # screen that shows what cannot be typed; only the demo forgives.
     lenient_user_codes: bool = False
+    # What device codes are made of: authentik's alphabet, punctuation and all, by
+    # default. A client that does not URL-encode its form bodies (oidc-agent 4.2.6)
+    # sends such a code mangled and gets invalid_grant, so a comparison with it narrows
+    # this to letters and digits.
+    device_code_alphabet: str = _DEVICE_CODE_ALPHABET
 
 
 # -- scripted behaviours ---------------------------------------------------------------
@@ -613,7 +618,8 @@ class IdentityProvider:
             return _oauth_error("invalid_client", request_id)
         now, wall = self.clock.monotonic(), self.clock.time()
         token = _DeviceToken(
-            device_code="".join(secrets.choice(_DEVICE_CODE_ALPHABET) for _ in range(128)),
+            device_code="".join(secrets.choice(self.settings.device_code_alphabet)
+                                for _ in range(128)),
             user_code=self._new_user_code(),
             client_id=client.client_id,
             scopes=tuple(form.get("scope", "").split()),
