@@ -244,15 +244,18 @@ class Driver:
     async def _seal_plain_files(self, loaded: Credentials | None,
                                 record: SessionRecord) -> bool:
         """The first start with a store key seals what it finds in plain text before
-        anything is served; True when credentials were written in plain text."""
+        anything is served; True when credentials in plain text were sealed, and a plain
+        copy of them may survive on the medium."""
         plain = False
         if self._store.needs_sealing and loaded is not None:
-            plain = True
             try:
                 await asyncio.to_thread(self._store.save, loaded)
             except StoreError as exc:
+                # The plain file is still the store: refreshing now would rotate its
+                # refresh token away while the new one cannot be written.
                 log.error("could not seal the credential file that is in plain text: %s", exc)
             else:
+                plain = True
                 log.warning("the credential file was in plain text; it is sealed now")
         if self._session_file.needs_sealing:
             try:

@@ -87,11 +87,19 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         # Here, not at the top: only a device with a key needs the library. ImportError
         # is the caller's to report as a configuration error.
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
         if len(key) != KEY_SIZE:
             raise ValueError(f"a store key is {KEY_SIZE} bytes")
-        self._aead: ChaCha20Poly1305 = ChaCha20Poly1305(key)
+        try:
+            self._aead: ChaCha20Poly1305 = ChaCha20Poly1305(key)
+        except UnsupportedAlgorithm:
+            # An OpenSSL in FIPS mode, say: a fix for a person, not a crash to restart.
+            raise ConfigError("storage.encryption", (
+                f"this system's cryptography library cannot do {CIPHER} (an OpenSSL in "
+                "FIPS mode?); fix: a cryptography built with it, or storage.encryption: "
+                "off for a store that was never sealed")) from None
         self.key_id = hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -162,9 +170,21 @@ class Sealer:
 
 
 def _associated_data(document: Mapping[str, Any], purpose: str) -> bytes:
-    # Canonical: the same values give the same bytes, however the file is laid out.
-    return json.dumps({"purpose": purpose, "document": document}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    # Canonical: the same values give the same bytes, however the file is laid out,
+    # and a whole number is one value however it is spelled (jq prints 5.0 as 5).
+    return json.dumps({"purpose": purpose, "document": _whole_numbers(document)},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
 def _container(document: Any, path: Iterable[str | int]) -> Any:
@@ -251,7 +271,8 @@ class Encryption:
         if self.mode == "off":
             return ("storage.encryption is off, and a sealed store is never rewritten in "
                     "plain text; fix: set storage.encryption to auto and deliver the key "
-                    f"({SEAL_COMMAND}), or delete the file to sign in anew in plain text")
+                    f"({SEAL_COMMAND}), or delete credentials.json and session.json to sign in "
+                    "anew in plain text")
         return (f"no store key is delivered ({self._where()}); fix: deliver the key it was "
                 f"sealed with (LoadCredentialEncrypted={STORE_KEY}:..., as "
                 f"{SEAL_COMMAND} writes it)")
@@ -282,7 +303,8 @@ class Encryption:
             raise ConfigError("storage.encryption", (
                 "a store key is delivered, but the Python package cryptography is not "
                 "installed; fix: pip install 'device-agent[sealed]' (Raspberry Pi OS: "
-                "apt install python3-cryptography), or set storage.encryption: off"
+                "apt install python3-cryptography), or, for a store that was never sealed, "
+                "storage.encryption: off"
             )) from None
         log.info("the tokens are sealed with the store key systemd delivers (%s, key id %s)",
                  CIPHER, sealer.key_id)

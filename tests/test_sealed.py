@@ -4,6 +4,7 @@ each file bound to them, on real files with the real `cryptography` AEAD."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import dataclasses
@@ -21,6 +22,7 @@ import yaml
 from agent.config import ConfigError, config_from_mapping
 from agent.driver import Driver
 from agent.errors import (
+    ConfigError,
     StoreCorrupt,
     StoreError,
     StoreKeyMissing,
@@ -527,3 +529,83 @@ def test_sealing_leaves_the_callers_document_alone(keys: Path) -> None:
     assert sealer.unseal(sealed, purpose="test") == document
     with pytest.raises(StoreUnsealable):
         sealer.unseal(sealed, purpose="another purpose")
+
+
+class _StoreThatCannotWrite(CredentialStore):
+    """A store on an SD card gone read-only, or full: every save fails."""
+
+    def save(self, credentials: Credentials) -> None:
+        raise StoreError(f"cannot write {self.path}: No space left on device")
+
+
+async def test_a_plain_store_that_could_not_be_sealed_is_not_refreshed_at_once(
+        provider: IdentityProvider, store_path: Path, keys: Path, clock: Any,
+        transport: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The extra refresh is for a plain copy that is no longer the file in use. When
+    # sealing failed the plain file is still the store, and a refresh now would rotate
+    # its refresh token away while the new one could not be written: a power cut then
+    # costs the sign-in.
+    with CredentialStore(store_path) as store:
+        run = await _signed_in(provider, store, clock, transport)
+        await run.stop()
+    plain = CredentialStore(store_path).load()
+    assert plain is not None and plain.tokens.refresh_token is not None
+    before = _refreshes(provider)
+    with _StoreThatCannotWrite(store_path, encryption=encryption(keys)) as store:
+        run = Running(Driver(settings_for(provider), sender=transport, store=store,
+                             clock=clock), clock)
+        caplog.set_level(logging.INFO, logger="agent.driver")
+        await run.until_phase(Phase.SIGNED_IN)
+        # The refresh at once is a task spawned as the store loads; its first step logs
+        # that it refreshes. A few turns of the loop give it that step.
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "refreshing at once" not in caplog.text
+        await run.stop()
+    assert _refreshes(provider) == before
+    assert provider.refresh_token_valid(plain.tokens.refresh_token)
+
+
+def _as_jq_prints_it(data: bytes) -> bytes:
+    # jq 1.6 (Debian bookworm) reads every number as a double and prints a whole one
+    # without its fraction: 5.0 comes out as 5.
+    document = json.loads(data, parse_float=lambda text: (
+        int(float(text)) if float(text).is_integer() else float(text)))
+    return json.dumps(document, indent=2).encode()
+
+
+def test_a_sealed_file_pretty_printed_by_jq_still_opens(tmp_path: Path, keys: Path) -> None:
+    # A person looks at the file with `jq .` and saves it back: the values are the same,
+    # so the file must still open, as a plain one does.
+    credentials = dataclasses.replace(SAMPLE, tokens=dataclasses.replace(
+        SAMPLE.tokens, issued_at=1_700_000_000.0, expires_at=1_700_003_600.0))
+    store_file = tmp_path / "store" / "credentials.json"
+    with CredentialStore(store_file, encryption=encryption(keys)) as store:
+        store.save(credentials)
+    store_file.write_bytes(_as_jq_prints_it(store_file.read_bytes()))
+    assert b"1700003600," in store_file.read_bytes()
+    assert CredentialStore(store_file, encryption=encryption(keys)).load() == credentials
+    session_file = tmp_path / "session" / "session.json"
+    session_file.parent.mkdir(mode=0o700)
+    SessionFile(session_file, encryption=encryption(keys)).save(RECORD)
+    session_file.write_bytes(_as_jq_prints_it(session_file.read_bytes()))
+    assert SessionFile(session_file, encryption=encryption(keys)).load() == RECORD
+
+
+def test_a_cryptography_without_chacha20_is_a_configuration_error(
+        keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OpenSSL in FIPS mode refuses ChaCha20-Poly1305: without this, the traceback
+    # exited 1 and systemd restarted the agent in a loop, with nothing on the panel.
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.ciphers import aead
+
+    class Refused:
+        def __init__(self, key: bytes) -> None:
+            raise UnsupportedAlgorithm("ChaCha20Poly1305 is not supported by this version "
+                                       "of OpenSSL.")
+
+    monkeypatch.setattr(aead, "ChaCha20Poly1305", Refused)
+    with pytest.raises(ConfigError) as raised:
+        encryption(keys).sealer()
+    assert raised.value.key == "storage.encryption"
+    assert "ChaCha20-Poly1305" in str(raised.value)
