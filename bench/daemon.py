@@ -3,9 +3,10 @@ time from a person's approval to a served token.
 
 `device-agent run` runs in a child process, as systemd starts it (a listener on
 `NOTIFY_SOCKET` receives READY=1), against the test provider served by this process on
-loopback, with `--display console` (stdout not a terminal, as under systemd) and, for
-the OLED figures, an SSD1306 on an I2C bus that does not exist (luma is loaded and the
-panel retried, as on a device whose panel came loose).
+loopback, in each of `--setups`: `console` (stdout not a terminal, as under systemd);
+`oled`, an SSD1306 on an I2C bus that does not exist (luma is loaded and the panel
+retried, as on a device whose panel came loose); `console-sealed`, the console with a
+store key delivered in $CREDENTIALS_DIRECTORY and `storage.encryption: required`.
 
 1. Sign-in: the provider approves `--approve-after` seconds after a code is issued;
    the time from that approval to the first `GET /v1/token` answered 200 is reported.
@@ -44,9 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN_REQUEST = b"GET /v1/token HTTP/1.1\r\nHost: agent\r\n\r\n"
 PATIENCE = 60.0  # a guard against a hung agent, never a measure
 
-DISPLAYS: dict[str, dict[str, Any]] = {
-    "console": {"type": "console"},
-    "oled": {"type": "ssd1306", "options": {"interface": "i2c", "port": 99}},
+# What each configuration runs with: the display, and whether the store is sealed (a
+# store key delivered in $CREDENTIALS_DIRECTORY, as systemd's LoadCredentialEncrypted=
+# does, so the `sealed` extra's cryptography is loaded).
+SETUPS: dict[str, dict[str, Any]] = {
+    "console": {"display": {"type": "console"}},
+    "oled": {"display": {"type": "ssd1306", "options": {"interface": "i2c", "port": 99}}},
+    "console-sealed": {"display": {"type": "console"}, "sealed": True},
 }
 
 
@@ -96,18 +101,24 @@ async def _get(path: Path, target: str) -> tuple[int, bytes] | None:
 
 
 class Agent:
-    def __init__(self, workdir: Path, idp: IdentityProvider, display: dict[str, Any],
+    def __init__(self, workdir: Path, idp: IdentityProvider, setup: dict[str, Any],
                  program: Path) -> None:
         self.workdir = workdir
         self.program = program
+        self.credentials: Path | None = None
+        if setup.get("sealed"):
+            self.credentials = workdir / "credentials"
+            self.credentials.mkdir(mode=0o700)
+            (self.credentials / "store-key").write_bytes(os.urandom(32))
         self.socket = workdir / "agent.sock"
         self.notify = workdir / "notify.sock"
         self.config = workdir / "config.yaml"
         self.config.write_text(json.dumps({  # JSON is YAML
             "provider": {"issuer": idp.issuer, "client_id": idp.settings.client_id,
                          "allow_insecure_http": True},
-            "display": display,
-            "storage": {"path": str(workdir / "state" / "credentials.json")},
+            "display": setup["display"],
+            "storage": {"path": str(workdir / "state" / "credentials.json"),
+                        "encryption": "required" if setup.get("sealed") else "auto"},
             "api": {"socket": str(self.socket)},
             "logging": {"level": "info"},
         }))
@@ -122,6 +133,9 @@ class Agent:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("LISTEN_", "WATCHDOG_", "DEVICE_AGENT_"))}
         env["NOTIFY_SOCKET"] = str(self.notify)
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        if self.credentials is not None:
+            env["CREDENTIALS_DIRECTORY"] = str(self.credentials)
         log = (self.workdir / "agent.log").open("ab")
         try:
             started = time.perf_counter()
@@ -208,7 +222,7 @@ async def _one_display(idp: IdentityProvider, name: str, args: argparse.Namespac
                        root: Path, program: Path) -> dict[str, Any]:
     workdir = root / name
     workdir.mkdir()
-    agent = Agent(workdir, idp, DISPLAYS[name], program)
+    agent = Agent(workdir, idp, SETUPS[name], program)
     figures: dict[str, Any] = {}
     first_ready = agent.start()
     try:
@@ -278,10 +292,10 @@ async def _main(args: argparse.Namespace) -> int:
         async with serve_provider(settings) as idp:
             results = {name: await _one_display(idp, name, args, Path(tmp), bin_dir /
                                                 "device-agent")
-                       for name in args.displays}
+                       for name in args.setups}
         floor = _import_floor(bin_dir / "python")
     print(f"$ python bench/daemon.py --idle {args.idle:g} --starts {args.starts} "
-          f"--approve-after {args.approve_after:g} --displays {' '.join(args.displays)}")
+          f"--approve-after {args.approve_after:g} --setups {' '.join(args.setups)}")
     print("device-agent from `pip install .` in a fresh venv")
     print(f"import floor (aiohttp, aiohttp.web, yaml, qrcode): {floor:.1f} MiB")
     for name, figures in results.items():
@@ -310,7 +324,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=15)
     # Not a whole number of poll intervals, so the approval lands between two polls.
     parser.add_argument("--approve-after", type=float, default=2.5)
-    parser.add_argument("--displays", nargs="+", default=list(DISPLAYS), choices=DISPLAYS)
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
     return asyncio.run(_main(parser.parse_args()))
 
 
