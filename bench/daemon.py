@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from installed import plain_install
+from timing import spread
 
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 
@@ -279,10 +279,8 @@ def _import_floor(python: Path) -> float:
 
 
 def _spread(values: list[float]) -> str:
-    ordered = sorted(values)
-    return (f"median {statistics.median(ordered):.0f} "
-            f"(p10 {ordered[len(ordered) // 10]:.0f}, "
-            f"p90 {ordered[max(0, len(ordered) * 9 // 10 - 1)]:.0f})")
+    median, p10, p90 = spread(values)
+    return f"median {median:.0f} (p10 {p10:.0f}, p90 {p90:.0f})"
 
 
 async def _main(args: argparse.Namespace) -> int:

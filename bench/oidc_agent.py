@@ -54,6 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from installed import plain_install
+from timing import run_once, spread
+
 from agent import __version__
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 
@@ -193,19 +196,6 @@ def _rss_kib(pids: list[int], name: str = "VmRSS") -> dict[int, int]:
             if line.startswith(name + ":"):
                 sizes[pid] = int(line.split()[1])
     return sizes
-
-
-def _run_once(argv: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of one run of `argv` (stdout to /dev/null, as in token_cli.py);
-    a run that fails raises with its status."""
-    started = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-    _, status, _ = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[-1]!r} exited {os.waitstatus_to_exitcode(status)}")
-    return elapsed
 
 
 def _output(argv: list[str], env: dict[str, str], what: str) -> str:
@@ -407,7 +397,7 @@ class Spread:
 
     def text(self) -> str:
         ms = sorted(self.values)
-        p10, p90 = ms[len(ms) // 10], ms[max(0, len(ms) * 9 // 10 - 1)]
+        _, p10, p90 = spread(ms)
         return f"{self.median:.1f} ({p10:.1f}-{p90:.1f}) ms"
 
 
@@ -455,7 +445,7 @@ def _interleaved(cases: dict[str, list[str]], env: dict[str, str], runs: int, *,
                 time.sleep(wait)
             before = provider.refreshes() if provider is not None else 0
             written = _signature(watch[name]) if name in watch else None
-            times[name].append(_run_once(cases[name], env) * 1000)
+            times[name].append(run_once(cases[name], env) * 1000)
             ready_at[name] = time.monotonic() + spacing.get(name, 0.0)
             if written is not None and _signature(watch[name]) != written:
                 rewrites[name] += 1
@@ -470,20 +460,6 @@ def _interleaved(cases: dict[str, list[str]], env: dict[str, str], runs: int, *,
 
 
 # -- the rest ---------------------------------------------------------------------------
-
-def _install_plain(tmp: Path) -> Path:
-    """`pip install .` into a fresh venv, from a copy: pip builds in the source tree,
-    and would leave build/ in the repository."""
-    source, venv = tmp / "source", tmp / "venv"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "node_modules", "build", "__pycache__", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"pip install . failed:\n{done.stderr[-2000:]}")
-    return venv / "bin" / "device-agent"
-
 
 def _cpu_model() -> str:
     fields: dict[str, str] = {}
@@ -546,7 +522,9 @@ def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.editable:
         program = ROOT / ".venv" / "bin" / "device-agent"
     else:
-        program = _install_plain(tmp / "install")
+        install = tmp / "install"
+        install.mkdir()
+        program = plain_install(install) / "device-agent"
     settings = ProviderSettings(interval=1, access_token_lifetime=LONG_LIFETIME,
                                 device_code_alphabet=string.ascii_letters + string.digits)
     provider = ProviderThread(settings)
@@ -580,7 +558,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         cached = {"device-agent": ["/bin/sh", "-c", f"{da} token"],
                   "oidc-agent": ["/bin/sh", "-c", f"{ot} {ACCOUNT}"]}
         for argv in cached.values():  # warm the page cache
-            _run_once(argv, env)
+            run_once(argv, env)
         before = provider.refreshes()
         figures["cached"] = _interleaved(cached, env, args.runs)
         figures["cached_refreshes"] = provider.refreshes() - before

@@ -11,7 +11,7 @@ drift hits each alike:
   finder adds its own cost.
 
 Prints the median and the spread (p10-p90) of wall time per run, and the peak RSS of
-each (the child's `ru_maxrss`).
+each, measured by GNU time (`timing.peak_rss_kib` says why not by wait4).
 
     .venv/bin/python bench/token_cli.py [--runs 60] [--command token]
 """
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from installed import plain_install
+from timing import peak_rss_kib, run_once, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,18 +57,6 @@ def _state(path: str) -> str | None:
         return str(json.loads(data.split(b"\r\n\r\n", 1)[1])["state"])
     except (OSError, ValueError, KeyError, IndexError):
         return None
-
-
-def _run_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and the peak RSS (KiB) of one run of `argv`."""
-    started = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-    _, status, usage = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {os.waitstatus_to_exitcode(status)}")
-    return elapsed, usage.ru_maxrss
 
 
 def main() -> int:
@@ -106,21 +94,21 @@ def main() -> int:
                     if name.startswith("device-agent"):
                         cases[name] = [*cases[name], "--json"]
             times: dict[str, list[float]] = {name: [] for name in cases}
-            rss: dict[str, list[int]] = {name: [] for name in cases}
             for argv in cases.values():  # warm the page cache
-                _run_once(argv, env)
+                run_once(argv, env)
             for _ in range(args.runs):
                 for name, argv in cases.items():
-                    elapsed, peak = _run_once(argv, env)
-                    times[name].append(elapsed)
-                    rss[name].append(peak)
+                    times[name].append(run_once(argv, env))
+            # Peak memory in runs of their own: GNU time's start-up is not in the times.
+            peaks = {name: [peak_rss_kib(argv, env) for _ in range(3)]
+                     for name, argv in cases.items()}
             print(f"$ python bench/token_cli.py --runs {args.runs} --command {args.command}")
             print(f"{'':44} {'median ms':>10} {'p10-p90 ms':>14} {'peak RSS MB':>12}")
             for name in cases:
-                ms = sorted(t * 1000 for t in times[name])
-                p10, p90 = ms[len(ms) // 10], ms[len(ms) * 9 // 10 - 1]
-                print(f"{name:44} {statistics.median(ms):>10.1f} "
-                      f"{p10:>6.1f}-{p90:<7.1f} {max(rss[name]) / 1024:>12.1f}")
+                median, p10, p90 = spread([t * 1000 for t in times[name]])
+                known = [peak for peak in peaks[name] if peak is not None]
+                peak = f"{max(known) / 1024:.1f}" if known else "n/a (no GNU time)"
+                print(f"{name:44} {median:>10.1f} {p10:>6.1f}-{p90:<7.1f} {peak:>12}")
         finally:
             agent.terminate()
             agent.wait(10)
