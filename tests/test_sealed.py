@@ -22,7 +22,6 @@ import yaml
 from agent.config import ConfigError, config_from_mapping
 from agent.driver import Driver
 from agent.errors import (
-    ConfigError,
     StoreCorrupt,
     StoreError,
     StoreKeyMissing,
