@@ -1,3 +1,6 @@
+from __future__ import annotations
+
+import math
 import random
 
 import pytest
@@ -22,14 +25,14 @@ def test_budget_must_allow_something() -> None:
         CodeBudget(0)
 
 
-def test_backoff_full_jitter_grows_and_caps() -> None:
-    backoff = Backoff(2.0, 60.0, rng=random.Random(7))
+def test_backoff_grows_and_caps_with_half_of_each_step_jittered() -> None:
     ceilings = [2, 4, 8, 16, 32, 60, 60]
-    for ceiling in ceilings:
-        delay = backoff.next_delay()
-        assert 0 <= delay <= ceiling
-    backoff.reset()
-    assert backoff.next_delay() <= 2.0
+    for seed in range(50):
+        backoff = Backoff(2.0, 60.0, rng=random.Random(seed))
+        for ceiling in ceilings:
+            assert ceiling / 2 <= backoff.next_delay() <= ceiling
+        backoff.reset()
+        assert 1.0 <= backoff.next_delay() <= 2.0
 
 
 def test_backoff_floor() -> None:
@@ -41,3 +44,32 @@ def test_backoff_spreads_a_fleet() -> None:
     delays = {round(Backoff(10, 100, rng=random.Random(seed)).next_delay(), 3)
               for seed in range(20)}
     assert len(delays) > 15
+
+
+def _first_tries_after(outage: float, *, devices: int, seed: int) -> list[float]:
+    """Seconds from the provider's return to each device's first try after it: every
+    device failed first at its own moment of the outage's first minute and has
+    retried with its own back-off since (2 s doubling to 300 s, the defaults)."""
+    rng = random.Random(seed)
+    firsts = []
+    for _ in range(devices):
+        backoff = Backoff(2.0, 300.0, rng=random.Random(rng.random()))
+        at = rng.uniform(0.0, 60.0)
+        while at < outage:
+            at += backoff.next_delay()
+        firsts.append(at - outage)
+    return firsts
+
+
+def test_a_fleet_back_from_a_long_outage_comes_back_without_a_peak() -> None:
+    # Full jitter (uniform in [0, cap]) brings twice the mean rate in the first seconds
+    # after the return: the wait left of a uniform [0, cap] delay is most often short.
+    # The fleet's target is a peak under twice the mean with refreshes near expiry and
+    # scheduled ones on top, so the back-off alone must stay well below it.
+    firsts = _first_tries_after(1800.0, devices=20_000, seed=8628)
+    window = max(firsts)
+    counts = [0] * math.ceil(window / 10.0)
+    for first in firsts:
+        counts[min(len(counts) - 1, int(first // 10.0))] += 1
+    mean = len(firsts) / (window / 10.0)
+    assert max(counts) < 1.6 * mean, (max(counts), mean)
