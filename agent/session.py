@@ -1212,6 +1212,11 @@ class Session:
                 self._log(logging.WARNING, f"the provider is rationing device codes (HTTP "
                           f"{response.status}); next try in {duration(delay)}")
             case ServerTrouble(reason=reason, retry_after=hint):
+                if response.status >= 500:
+                    # A proxy's 502/503/504 while authentik is away: no code was issued
+                    # and authentik counted nothing. (A garbled 200 may have been
+                    # counted, so it stays spent.)
+                    self._budget.refund()
                 self._sign_in_trouble(reason, hint)
             case Rejected(error=error):
                 self._go(Region.SIGN_IN, "refused", S.WAITING)

@@ -1259,6 +1259,19 @@ def test_connection_failures_do_not_spend_the_code_budget() -> None:
     assert len(pump.sends("device")) == 6
 
 
+def test_a_provider_answering_503_does_not_spend_the_code_budget() -> None:
+    # A proxy in front of authentik answers 503 while authentik is down: no code was
+    # issued and authentik counted nothing, so the device's own budget must not run out
+    # either. It did: after a 30-minute outage a device that was signing in waited
+    # another half hour for a code (bench/fleet.py --outage-kind 503).
+    pump = Pump(make_settings(codes_per_hour=2, retry_max=5.0))
+    pump.start()
+    for _ in range(5):
+        pump.answer("device", UNAVAILABLE)
+        pump.run_for(6)
+    assert len(pump.sends("device")) == 6
+
+
 def test_a_zero_lifetime_token_is_served_to_a_caller_asking_nothing_more() -> None:
     # 1: expires_in 0 must keep working.
     pump = Pump()
