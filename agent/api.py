@@ -5,8 +5,9 @@ connected), never by anything they send. Root and the agent's own user may do
 anything; others only what `api.read_users/read_groups` (tokens, status) and
 `api.admin_users/admin_groups` (login, logout, refresh) grant them.
 
-Every answer is JSON; errors are `{"error": CODE, "message": TEXT}` with a stable
-CODE and the status that fits it (DESIGN.md §3).
+Every answer is JSON except `/v1/metrics` (the Prometheus text format, `agent.metrics`);
+errors are `{"error": CODE, "message": TEXT}` with a stable CODE and the status that
+fits it (DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from agent.errors import (
     ProviderUnavailable,
 )
 from agent.logs import fingerprint
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agent.metrics import Metrics
 from agent.session import not_signed_in_reason
 from agent.state import Phase, Snapshot, rfc3339
 
@@ -128,7 +131,11 @@ GUARD = web.AppKey("guard", ConnectionGuard)
 def build_app(driver: Driver, policy: AccessPolicy, *,
               wall_clock: Callable[[], float] = time.time,
               heartbeat: float = EVENTS_HEARTBEAT,
-              limits: ConnectionLimits | None = None) -> web.Application:
+              limits: ConnectionLimits | None = None,
+              metrics: Metrics | None = None) -> web.Application:
+    """`metrics`: what `/v1/metrics` shows; made here when not given, and then it
+    counts from now (`serve()` makes it before the driver's first step)."""
+    recorder = metrics if metrics is not None else Metrics(driver)
     guard = ConnectionGuard(limits or ConnectionLimits(), privileged=policy.privileged,
                             may_read=lambda caller: policy.allows(caller, READ))
 
@@ -273,6 +280,11 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
             pass
         return response
 
+    async def get_metrics(request: web.Request, caller: Caller) -> web.StreamResponse:
+        # Nothing secret is in it, but it is the read right's, as the status is.
+        return web.Response(body=recorder.render().encode(), headers={
+            "Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"})
+
     async def post_login(request: web.Request, caller: Caller) -> web.StreamResponse:
         try:
             wait = await driver.login(new_sign_in=True)
@@ -316,6 +328,7 @@ def build_app(driver: Driver, policy: AccessPolicy, *,
     route("GET", "/v1/userinfo", READ, get_userinfo)
     route("GET", "/v1/status", READ, get_status)
     route("GET", "/v1/events", READ, get_events)
+    route("GET", "/v1/metrics", READ, get_metrics)
     route("POST", "/v1/login", ADMIN, post_login)
     route("POST", "/v1/refresh", ADMIN, post_refresh)
     route("POST", "/v1/logout", ADMIN, post_logout)

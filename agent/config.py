@@ -40,6 +40,7 @@ from agent.sealing import MODES as ENCRYPTION_MODES
 __all__ = [
     "DISPLAY_TYPES",
     "LOG_LEVELS",
+    "MQTT_COMMANDS",
     "SINK_FORMATS",
     "AgentConfig",
     "ApiConfig",
@@ -48,6 +49,8 @@ __all__ = [
     "DisplayConfig",
     "HookConfig",
     "LoggingConfig",
+    "MetricsConfig",
+    "MqttConfig",
     "ProviderConfig",
     "RefreshConfig",
     "SignInConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "default_state_path",
     "load_config",
     "parse_duration",
+    "read_secret_file",
 ]
 
 
@@ -65,6 +69,9 @@ DISPLAY_TYPES: Final = frozenset(KINDS)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Token file formats, written by agent.sinks.
 SINK_FORMATS: Final = ("raw", "json", "env")
+# What a dashboard may ask over MQTT (agent.mqtt): a code while not signed in, a new
+# sign-in while signed in, a sign-out.
+MQTT_COMMANDS: Final = ("new_code", "new_sign_in", "sign_out")
 
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL; a longer path
 # fails only at bind time, with an error that does not say why.
@@ -159,6 +166,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    # node_exporter's textfile collector reads this (agent.metrics); None: no file.
+    textfile: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SinkConfig:
     path: Path
     format: str = "raw"
@@ -178,6 +191,25 @@ class HookConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    host: str | None = None          # None: no broker, and nothing of MQTT is imported
+    port: int | None = None          # None: 1883, or 8883 with TLS
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    # Read when connecting, so a corrected file is used on the next try without a restart.
+    password_file: Path | None = None
+    client_id: str | None = None     # None: device-agent-<machine id>
+    base_topic: str | None = None    # None: device-agent/<machine id>
+    keepalive: int = 60
+    heartbeat: float | None = 300.0
+    discovery_prefix: str | None = "homeassistant"
+    commands: tuple[str, ...] = ("new_code",)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     provider: ProviderConfig
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -188,8 +220,10 @@ class AgentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sinks: tuple[SinkConfig, ...] = ()
     hooks: tuple[HookConfig, ...] = ()
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     source: Path | None = None
 
 
@@ -565,8 +599,9 @@ _PROVIDER_URLS: Final = ("issuer", "device_authorization_endpoint", "token_endpo
                          "revocation_endpoint", "userinfo_endpoint")
 
 
-def _read_secret_file(path: Path, key: str) -> str:
-    # The messages name the file, never its contents.
+def read_secret_file(path: Path, key: str, *, what: str = "the client secret") -> str:
+    """The secret in `path`, stripped; a ConfigError for `key` that names the file,
+    never its contents."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -576,7 +611,7 @@ def _read_secret_file(path: Path, key: str) -> str:
     except UnicodeDecodeError:
         raise ConfigError(key, f"{path} is not UTF-8 text") from None
     if not secret:
-        raise ConfigError(key, f"{path} is empty; it must hold the client secret")
+        raise ConfigError(key, f"{path} is empty; it must hold {what}")
     return secret
 
 
@@ -601,7 +636,7 @@ def _check_provider(provider: ProviderConfig, key: str) -> ProviderConfig:
         if provider.client_secret is not None:
             raise ConfigError(_join(key, "client_secret_file"), (
                 f"cannot be combined with {_join(key, 'client_secret')}; set only one of them"))
-        secret = _read_secret_file(provider.client_secret_file, _join(key, "client_secret_file"))
+        secret = read_secret_file(provider.client_secret_file, _join(key, "client_secret_file"))
         provider = dataclasses.replace(provider, client_secret=secret)
     return provider
 
@@ -741,6 +776,20 @@ _LOGGING = _Section(LoggingConfig, {
     "level": _choice(LOG_LEVELS, fold_case=True),
 })
 
+
+def _textfile(value: object, key: str, ctx: _Context) -> Path:
+    path = _path(value, key, ctx)
+    if path.suffix != ".prom":
+        # The collector reads only *.prom: any other name would be silently ignored.
+        raise ConfigError(key, "must be a file name ending in .prom: node_exporter's "
+                               "textfile collector reads only *.prom files")
+    return path
+
+
+_METRICS = _Section(MetricsConfig, {
+    "textfile": _optional(_textfile),
+})
+
 def _string_or_empty(value: object, key: str, ctx: _Context) -> str:
     if not isinstance(value, str):
         raise _type_error(key, "text", value)
@@ -789,6 +838,84 @@ _HOOK = _Section(HookConfig, {
     "pass_token": _boolean,
 })
 
+def _host(value: object, key: str, ctx: _Context) -> str:
+    text = _string(value, key, ctx).strip()
+    if "://" in text:
+        raise ConfigError(key, "must be a host name or address, without mqtt:// (TLS is "
+                               "mqtt.tls, the port mqtt.port)")
+    if any(c.isspace() or c in "/?#@" for c in text):
+        raise ConfigError(key, "must be a host name or address")
+    return text
+
+
+def _no_controls(text: str, key: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+        raise ConfigError(key, "must not hold control characters")
+    return text
+
+
+def _topic(value: object, key: str, ctx: _Context) -> str:
+    # The agent publishes under it and subscribes to its command topic: a wildcard would
+    # make it hear other devices' commands.
+    text = _no_controls(_string(value, key, ctx), key)
+    if "+" in text or "#" in text:
+        raise ConfigError(key, "must not hold the wildcards + or #")
+    if text.startswith("/") or text.endswith("/"):
+        raise ConfigError(key, "must not start or end with /")
+    if text.startswith("$"):
+        raise ConfigError(key, "must not start with $ (the broker's own topics)")
+    return text
+
+
+def _client_id(value: object, key: str, ctx: _Context) -> str:
+    return _no_controls(_string(value, key, ctx), key)
+
+
+def _keepalive(value: object, key: str, ctx: _Context) -> int:
+    seconds = _duration()(value, key, ctx)
+    assert isinstance(seconds, float)
+    if seconds > 65535:
+        raise ConfigError(key, "must be at most 65535 seconds (18 h), MQTT's limit")
+    return max(1, round(seconds))
+
+
+def _check_mqtt(mqtt: MqttConfig, key: str) -> MqttConfig:
+    if not mqtt.tls:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(mqtt, name) is not None:
+                raise ConfigError(_join(key, name),
+                                  f"only applies with {_join(key, 'tls')}: true")
+    if mqtt.key_file is not None and mqtt.cert_file is None:
+        raise ConfigError(_join(key, "key_file"),
+                          f"is the key of a client certificate: set {_join(key, 'cert_file')}")
+    if mqtt.password_file is not None:
+        if mqtt.username is None:
+            raise ConfigError(_join(key, "password_file"),
+                              f"needs {_join(key, 'username')}, the user it is the password of")
+        # Read now, so that check-config and the start (exit 78) find a file that cannot
+        # be; the agent reads it again on every connection.
+        read_secret_file(mqtt.password_file, _join(key, "password_file"),
+                         what="the broker password")
+    return mqtt
+
+
+_MQTT = _Section(MqttConfig, {
+    "host": _optional(_host),
+    "port": _optional(_integer(1, 65535)),
+    "tls": _boolean,
+    "ca_file": _optional(_readable_file),
+    "cert_file": _optional(_readable_file),
+    "key_file": _optional(_readable_file),
+    "username": _optional(_client_id),
+    "password_file": _optional(_path),
+    "client_id": _optional(_client_id),
+    "base_topic": _optional(_topic),
+    "keepalive": _keepalive,
+    "heartbeat": _optional(_duration()),
+    "discovery_prefix": _optional(_topic),
+    "commands": _list(_choice(MQTT_COMMANDS)),
+}, _check_mqtt)
+
 _AGENT = _Section(AgentConfig, {
     "provider": _section(_PROVIDER),
     "device": _section(_DEVICE),
@@ -799,8 +926,10 @@ _AGENT = _Section(AgentConfig, {
     "storage": _section(_STORAGE),
     "api": _section(_API),
     "logging": _section(_LOGGING),
+    "metrics": _section(_METRICS),
     "sinks": _list(_section(_SINK)),
     "hooks": _list(_section(_HOOK)),
+    "mqtt": _section(_MQTT),
 }, _move_old_button_keys, derived=frozenset({"source"}))
 
 

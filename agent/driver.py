@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,7 +57,7 @@ from agent.sessionfile import SessionFile, SessionRecord
 from agent.state import Snapshot
 from agent.store import Credentials, CredentialStore
 
-__all__ = ["Driver", "Sender"]
+__all__ = ["Driver", "Exchange", "Sender"]
 
 log = logging.getLogger(__name__)
 # What the session says (its Log effects) is logged under its own name.
@@ -73,6 +74,19 @@ IDLE_TICK = 1.0
 
 class Sender(Protocol):
     async def send(self, request: HttpRequest) -> HttpResponse: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exchange:
+    """One request to the provider, for observers (`agent.metrics`): what it was for
+    (the session's `Send.purpose`: discovery, device, poll, refresh, userinfo, revoke),
+    how long the sender took to answer or fail, on the real monotonic clock (the
+    injected one is for the protocol's timers, and a hand-moved one stands still
+    during real I/O), and the HTTP status (None: no answer came)."""
+
+    purpose: str
+    seconds: float
+    status: int | None
 
 
 class Driver:
@@ -95,6 +109,7 @@ class Driver:
         self._fed = asyncio.Event()
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._token_listeners: list[Callable[[Credentials | None], None]] = []
+        self._exchange_listeners: list[Callable[[Exchange], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._loaded = False
         self._published: Snapshot | None = None
@@ -129,6 +144,15 @@ class Driver:
         """`listener` is called on the loop whenever the access token changes (None: the
         credentials are gone). By then, the new credentials are on disk."""
         self._token_listeners.append(listener)
+
+    def add_exchange_listener(self, listener: Callable[[Exchange], None]) -> None:
+        """`listener` is called on the loop for every request to the provider, as soon
+        as the session has taken its answer (or failure), under the lock and before the
+        effects of it are carried out: `session` (its `snapshot`, `refresh_error`) is
+        then what that answer made, before any other input, and a caller waiting on
+        the session (a sign-out on its revocations) is not told first. It must not
+        block; it observes only."""
+        self._exchange_listeners.append(listener)
 
     async def wait_for(self, condition: Callable[[Snapshot], bool]) -> Snapshot:
         while not condition(self.snapshot):
@@ -327,16 +351,23 @@ class Driver:
 
     # -- the pump ----------------------------------------------------------------
 
-    async def _feed(self, event: Input) -> bool:
+    async def _feed(self, event: Input, exchange: Exchange | None = None) -> bool:
         """Hand `event` to the session and carry out its effects. Shielded: a caller
         that gives up must not split a write from the input that reports it. True when
-        the input had any effect."""
-        return await asyncio.shield(self._feed_locked(event))
+        the input had any effect. `exchange`: the request whose answer `event` is, told
+        to the exchange listeners once the session has taken it."""
+        return await asyncio.shield(self._feed_locked(event, exchange))
 
-    async def _feed_locked(self, event: Input) -> bool:
+    async def _feed_locked(self, event: Input, exchange: Exchange | None = None) -> bool:
         async with self._lock:
             before = self.session.credentials
             pending = list(self.session.handle(event, self.now()))
+            if exchange is not None:
+                for observer in self._exchange_listeners:
+                    try:
+                        observer(exchange)
+                    except Exception:
+                        log.exception("an exchange listener failed")
             acted = bool(pending)
             while pending:
                 effect = pending.pop(0)
@@ -357,8 +388,8 @@ class Driver:
     async def _perform(self, effect: Effect) -> list[Effect]:
         """Carry out one effect; returns the effects of what it fed back."""
         match effect:
-            case Send(request_id=request_id, request=request):
-                self._spawn(self._send(request_id, request))
+            case Send(request_id=request_id, request=request, purpose=purpose):
+                self._spawn(self._send(request_id, request, purpose))
             case Save(write_id=write_id, credentials=creds):
                 try:
                     await asyncio.to_thread(self._store.save, creds)
@@ -385,17 +416,22 @@ class Driver:
                 session_log.log(level, "%s", message)
         return []
 
-    async def _send(self, request_id: int, request: HttpRequest) -> None:
+    async def _send(self, request_id: int, request: HttpRequest, purpose: str) -> None:
+        started = time.perf_counter()
+        outcome: Answered | Failed
         try:
             response = await self._sender.send(request)
         except TransportError as exc:
-            await self._feed(Failed(request_id=request_id, error=exc))
+            outcome = Failed(request_id=request_id, error=exc)
         except Exception as exc:  # a bug below must not leave a request in flight forever
             log.exception("sending %s failed", request.url)
-            await self._feed(Failed(request_id=request_id,
-                                    error=TransportError(type(exc).__name__)))
+            outcome = Failed(request_id=request_id, error=TransportError(type(exc).__name__))
         else:
-            await self._feed(Answered(request_id=request_id, response=response))
+            outcome = Answered(request_id=request_id, response=response)
+        exchange = Exchange(purpose=purpose, seconds=time.perf_counter() - started,
+                            status=outcome.response.status
+                            if isinstance(outcome, Answered) else None)
+        await self._feed(outcome, exchange)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

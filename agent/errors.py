@@ -30,6 +30,7 @@ No message ever carries a token, a device code or a secret.
     ├── NotSignedIn                  no valid token to hand out
     ├── ProviderUnavailable          no token fresh enough: the provider is not answering
     ├── MinTtlTooLong                no token this provider issues lives that long
+    ├── CommandRefused               an MQTT message on the command topic that is no command
     └── IllegalInput                 an input the lifecycle (agent.session) does not accept
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "AccessDenied",
     "AgentError",
     "AuthorizationPending",
+    "CommandRefused",
     "ConfigError",
     "ConnectFailed",
     "DiscoveryFailed",
@@ -196,6 +198,11 @@ class IllegalInput(AgentError):
 class MinTtlTooLong(AgentError):
     """No token this provider issues lives as long as was asked: refreshing would not
     help, and refreshing on every such request would wear the provider and the disk."""
+
+
+class CommandRefused(AgentError):
+    """A message on the MQTT command topic that is not a command this agent knows: the
+    broker passes on whatever anyone allowed to publish there sent."""
 
 
 class OAuthError(AgentError):

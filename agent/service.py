@@ -23,6 +23,7 @@ from agent.display.kinds import KINDS
 from agent.driver import Driver
 from agent.errors import STORE_NEEDS_A_PERSON, ConfigError, StoreError
 from agent.hooks import HookRunner
+from agent.metrics import Metrics, Textfile
 from agent.oauth import Client
 from agent.oauth.discovery import ExplicitEndpoints
 from agent.sealing import Encryption
@@ -34,6 +35,7 @@ from agent.transport import Transport
 
 if TYPE_CHECKING:
     from agent.display.button import Button
+    from agent.mqtt import FleetLink
 
 __all__ = ["driver_settings", "serve"]
 
@@ -147,10 +149,13 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
     api: ApiServer | None = None
     button: Button | None = None
     consumers: Consumers | None = None
+    fleet: FleetLink | None = None
     transport = Transport(timeout=config.provider.timeout,
                           max_response_bytes=config.provider.max_response_bytes,
                           ca_file=config.provider.ca_file)
     driver = Driver(driver_settings(config), sender=transport, store=store, clock=clock)
+    # Before the driver's first step: the metrics count from the start.
+    metrics = Metrics(driver)
     try:
         if display is None and use_default_display:
             # First, so a bad display option stops the agent (exit 78) before it starts.
@@ -159,6 +164,14 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             display = create_display(config.display, clock=clock)
         consumers = Consumers(driver, token_files_from_config(config.sinks),
                               HookRunner(hooks_from_config(config.hooks)))
+        if config.mqtt.host is not None:
+            # Here, so an mqtt: section that cannot work (aiomqtt missing, no name for
+            # this device) stops the agent (exit 78) before it starts. Without a broker
+            # nothing of MQTT is imported.
+            from agent.mqtt import FleetLink, link_settings
+
+            fleet = FleetLink(link_settings(config, machine_id=machine_id()), driver,
+                              clock=clock)
         def on_change(snapshot: Snapshot) -> None:
             notifier.status(summary(snapshot, now_wall=clock.time()))
 
@@ -195,9 +208,13 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
                               admin_users=config.api.admin_users,
                               admin_groups=config.api.admin_groups)
         inherited = _inherited_socket()
-        api = ApiServer(build_app(driver, policy, wall_clock=clock.time), config.api.socket,
-                        mode=config.api.mode, sock=inherited)
+        api = ApiServer(build_app(driver, policy, wall_clock=clock.time, metrics=metrics),
+                        config.api.socket, mode=config.api.mode, sock=inherited)
         await api.start()
+        if config.metrics.textfile is not None:
+            tasks.append(asyncio.create_task(
+                Textfile(metrics, config.metrics.textfile, clock=clock).run(),
+                name="metrics-textfile"))
         if config.button.pin is not None:
             from agent.display.button import create_button
 
@@ -217,6 +234,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
                            else None)
             tasks.append(asyncio.create_task(
                 _drive_display(display, driver, clock, blank_after), name="display"))
+        if fleet is not None:
+            fleet.start()
         run = asyncio.create_task(driver.run(), name="driver")
         notifier.ready(summary(driver.snapshot, now_wall=clock.time()))
         start_watchdog()
@@ -241,6 +260,10 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             await run
     finally:
         stop.cancel()
+        if fleet is not None:
+            # After the driver's stop, so that "stopping" is the last state published;
+            # bounded, so a broker that does not answer never holds up the stop.
+            await fleet.aclose()
         for task in tasks:
             task.cancel()
         for task in tasks:
