@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import signal
 import socket
 import sys
@@ -263,13 +264,19 @@ def _unsigned_id_token(tokens: dict[str, Any]) -> dict[str, Any]:
     return {**tokens, "id_token": tokens["id_token"].rsplit(".", 1)[0]}
 
 
+# A JWT: three base64url parts, the signature long enough to be looked for alone. Not
+# any string with two dots: a device code of authentik's alphabet has two now and then,
+# and the part after the last one was once a single character, found in every line.
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{16,}")
+
+
 def _forms(secret: str) -> set[str]:
     """The secret as it could show: as is, escaped for JSON, a URL or repr(), and for a
     JWT its signature alone (header and claims are much alike from token to token);
     each also by its first PREFIX characters."""
     whole = {secret, json.dumps(secret)[1:-1], urllib.parse.quote(secret, safe=""),
              urllib.parse.quote_plus(secret), repr(secret)[1:-1]}
-    if secret.count(".") == 2:
+    if _JWT.fullmatch(secret):
         whole.add(secret.rsplit(".", 1)[1])
     return whole | {form[:PREFIX] for form in whole}
 
@@ -418,3 +425,14 @@ def test_the_sweep_finds_a_secret_and_a_part_of_one() -> None:
         texts = [("other", "nothing here"), ("a log", f"before {leaked} after")]
         assert _sweep({"refresh_token": [token], "device_code": [device_code]}, texts)
     assert not _sweep({"refresh_token": [token]}, [("a log", "rt-Zk4Zk4 is too short")])
+
+
+def test_a_device_code_with_two_dots_is_not_taken_for_a_jwt() -> None:
+    # A random 128-character code of authentik's alphabet holds exactly two dots about
+    # one time in four; once, the second was its last-but-one character, and the sweep
+    # looked for a one-character "signature" in every line.
+    device_code = "a" * 100 + ".b-c{d}e" + "f" * 18 + ".g"
+    assert "g" not in _forms(device_code)
+    assert not _sweep({"device_code": [device_code]}, [("log", "signing in: go")])
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9." + "s" * 43
+    assert "s" * 43 in _forms(token)
