@@ -469,15 +469,17 @@ def token_files_drop_in(directories: Iterable[PurePosixPath], groups: Iterable[s
     group_list = sorted(set(groups))
     if not group_list and not wanted:
         return None, problems
-    lines = ["# Written by `device-agent install-service` from the sinks: of",
-             f"# {CONFIG_PATH}; run it again after changing them.", "[Service]"]
+    lines = ["# Written by `device-agent install-service` from the sinks: and",
+             f"# metrics.textfile of {CONFIG_PATH}; run it again after changing them.",
+             "[Service]"]
     if group_list:
         lines += ["# Token files given to a group: the agent joins it and may fchown().",
                   f"SupplementaryGroups={' '.join(group_list)}", "SystemCallFilter=@chown"]
     if wanted:
         # "-": a directory not made yet must not keep the agent (and its sign-in code)
         # from starting; writing the file there then fails in the log, by name.
-        lines += ["# Token files outside /run/device-agent and /var/lib/device-agent.",
+        lines += ["# Token files and the metrics textfile outside /run/device-agent and",
+                  "# /var/lib/device-agent.",
                   *(f"ReadWritePaths={_unit_quoted('-' + str(d))}" for d in sorted(wanted))]
     return "\n".join(lines) + "\n", problems
 
@@ -507,7 +509,11 @@ def _install_token_files_drop_in(session: _Session) -> bool:
             session.say(f"warning: sinks: {sink.path} has owner: {sink.owner}; the hardened "
                         f"unit cannot give a file to another user (no CAP_CHOWN): use "
                         f"group: instead")
-    directories = [_as_seen_there(session, sink.path.parent) for sink in config.sinks]
+    written = [sink.path for sink in config.sinks]
+    if config.metrics.textfile is not None:
+        # node_exporter's textfile collector directory: the unit's rules apply to it too.
+        written.append(config.metrics.textfile)
+    directories = [_as_seen_there(session, path.parent) for path in written]
     text, problems = token_files_drop_in(
         directories, (sink.group for sink in config.sinks if sink.group is not None))
     for problem in problems:

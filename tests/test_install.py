@@ -495,6 +495,22 @@ def test_token_files_with_a_group_or_elsewhere_get_the_drop_in_they_need(
     assert f"removed {tmp_path / DROP_IN}" in out
 
 
+def test_the_metrics_textfile_directory_reaches_the_drop_in(tmp_path: Path) -> None:
+    # node_exporter's textfile collector reads /var/lib/prometheus/node-exporter: the
+    # hardened unit could not write there, and each write failed in the log.
+    config = tmp_path / CONFIG
+    config.parent.mkdir(parents=True, exist_ok=True)
+    import json
+    config.write_text(json.dumps({
+        "provider": {"issuer": "https://id.example/application/o/x/", "client_id": "x"},
+        "metrics": {"textfile": "/var/lib/prometheus/node-exporter/device_agent.prom"}}))
+    config.chmod(0o600)
+    status, _ = _install(tmp_path)
+    assert status == 0
+    text = (tmp_path / DROP_IN).read_text()
+    assert 'ReadWritePaths="-/var/lib/prometheus/node-exporter"' in text.splitlines()
+
+
 def test_a_token_file_for_another_owner_is_called_out(tmp_path: Path) -> None:
     _config_with_sinks(tmp_path, [{"path": "/run/device-agent/token", "owner": "pi"}])
     status, out = _install(tmp_path)
