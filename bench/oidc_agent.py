@@ -41,7 +41,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import string
 import subprocess
@@ -55,7 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from installed import plain_install
-from timing import run_once, spread
+from timing import agent_state, run_once, spread
 
 from agent import __version__
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
@@ -274,18 +273,7 @@ class DeviceAgent:
         return self.proc is not None and self.proc.poll() is None
 
     def state(self) -> str | None:
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(5)
-                sock.connect(str(self.socket))
-                sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n"
-                             b"Connection: close\r\n\r\n")
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
-            return str(json.loads(data.split(b"\r\n\r\n", 1)[1])["state"])
-        except (OSError, ValueError, KeyError, IndexError):
-            return None
+        return agent_state(self.socket)
 
     def wait_signed_in(self) -> None:
         deadline = time.monotonic() + PATIENCE

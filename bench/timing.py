@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 GNU_TIME = "/usr/bin/time"
 
@@ -43,3 +44,15 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
     return (statistics.median(ordered), ordered[len(ordered) // 10],
             ordered[max(0, len(ordered) * 9 // 10 - 1)])
+
+
+def agent_state(socket_path: Path) -> str | None:
+    """The agent's state from its `GET /v1/status`, or None while it does not answer."""
+    from agent.client import AgentNotAllowed, AgentUnavailable, call
+
+    try:
+        answer = call(socket_path, "GET", "/v1/status", timeout=5)
+    except (OSError, AgentUnavailable, AgentNotAllowed):
+        return None
+    state = answer.body.get("state") if answer.ok else None
+    return state if isinstance(state, str) else None

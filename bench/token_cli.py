@@ -19,9 +19,7 @@ each, measured by GNU time (`timing.peak_rss_kib` says why not by wait4).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import time
 from pathlib import Path
 
 from installed import plain_install
-from timing import peak_rss_kib, run_once, spread
+from timing import agent_state, peak_rss_kib, run_once, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,19 +42,6 @@ while chunk := s.recv(65536):
 body = data.split(b"\r\n\r\n", 1)[1]
 sys.stdout.write(body[body.index(b'"access_token": "') + 17:].split(b'"')[0].decode())
 """
-
-
-def _state(path: str) -> str | None:
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(path)
-            sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        return str(json.loads(data.split(b"\r\n\r\n", 1)[1])["state"])
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
 
 
 def main() -> int:
@@ -77,7 +62,7 @@ def main() -> int:
              "--socket", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
-            while _state(path) != "signed_in":
+            while agent_state(Path(path)) != "signed_in":
                 if time.monotonic() > deadline or agent.poll() is not None:
                     print("the agent did not sign in", file=sys.stderr)
                     return 1
