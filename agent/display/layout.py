@@ -172,8 +172,7 @@ def compose(screen: Screen, *, width: int, height: int, mode: str) -> Frame:
     return Frame(image=image, qr=plan.qr, qr_omitted=plan.qr_omitted,
                  url_shortened=plan.url_shortened,
                  text=tuple(line for placed in plan.blocks for line in placed.block.lines),
-                 boxes=tuple(line.box for placed in plan.blocks
-                             for line in _lines(_TYPE, placed)),
+                 boxes=plan.boxes,
                  page=page, pages=pages,
                  name_omitted=(static.kind == "code" and bool(static.device_name)
                                and not any(p.block.kind == "name" for p in plan.blocks)))
@@ -534,6 +533,9 @@ class _Placed:
 @dataclass(frozen=True)
 class _Plan:
     blocks: tuple[_Placed, ...] = ()
+    # Where each line of the blocks was drawn (Frame.boxes): set by `_base`, which
+    # draws them, so a countdown tick does not place them again.
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
     bar: _Rect | None = None
     qr: QrPlacement | None = None
     matrix: QrMatrix | None = None
@@ -957,18 +959,19 @@ def _base(screen: Screen, width: int, height: int, mode: str) -> tuple[Image.Ima
     draw = ImageDraw.Draw(image)
     if plan.qr is not None and plan.matrix is not None:
         _draw_qr(image, plan.qr, plan.matrix, palette)
+    boxes: list[tuple[int, int, int, int]] = []
     for placed in plan.blocks:
         colour = palette.ink
         if placed.block.kind == "name":
             colour = palette.dim
         elif placed.block.kind == "title":
             colour = palette.accents.get(screen.kind, palette.ink)
-        _draw_block(ts, draw, placed, colour,
-                    slash_zeros=_mixes_letters_and_digits(screen.user_code or ""))
+        boxes.extend(_draw_block(ts, draw, placed, colour,
+                                 slash_zeros=_mixes_letters_and_digits(screen.user_code or "")))
     if plan.bar is not None and palette.track is not None:
         bar = plan.bar
         draw.rectangle((bar.x, bar.y, bar.x + bar.w - 1, bar.y + bar.h - 1), fill=palette.track)
-    return image, plan
+    return image, replace(plan, boxes=tuple(boxes))
 
 
 def _draw_qr(image: Image.Image, qr: QrPlacement, matrix: QrMatrix, palette: _Palette) -> None:
@@ -1012,18 +1015,20 @@ def _lines(ts: _Type, placed: _Placed) -> Iterator[_Line]:
 
 
 def _draw_block(ts: _Type, draw: ImageDraw.ImageDraw, placed: _Placed, colour: Colour, *,
-                slash_zeros: bool = False) -> None:
-    """`slash_zeros`: decided from the whole code, since a group stacked on its own
-    line ("0000") may hold no letter."""
+                slash_zeros: bool = False) -> tuple[tuple[int, int, int, int], ...]:
+    """Draws the block; returns each line's box. `slash_zeros`: decided from the whole
+    code, since a group stacked on its own line ("0000") may hold no letter."""
     block = placed.block
     font = _font(block.size)
-    for line in _lines(ts, placed):
+    lines = tuple(_lines(ts, placed))
+    for line in lines:
         x, y = line.origin
         for ch, offset in zip(line.text, ts.offsets(line.text, block.size), strict=True):
             if not ch.isspace():
                 draw.text((x + offset, y), ch, font=font, fill=colour)
         if block.kind == "code" and slash_zeros:
             _slash_zeros(ts, draw, line.text, block.size, x, y, colour)
+    return tuple(line.box for line in lines)
 
 
 def _mixes_letters_and_digits(text: str) -> bool:
