@@ -170,8 +170,8 @@ async def serve(config: AgentConfig, *, shutdown: Awaitable[object],
             # nothing of MQTT is imported.
             from agent.mqtt import FleetLink, link_settings
 
-            fleet = FleetLink(link_settings(config, machine_id=machine_id()), driver,
-                              clock=clock)
+            fleet = FleetLink(link_settings(config, machine_id=driver.settings.machine_id),
+                              driver, clock=clock)
         def on_change(snapshot: Snapshot) -> None:
             notifier.status(summary(snapshot, now_wall=clock.time()))
 
