@@ -396,6 +396,18 @@ async def _signed_in(provider: IdentityProvider, store: CredentialStore, clock: 
     return run
 
 
+async def _signed_in_in_plain_text(provider: IdentityProvider, store_path: Path, clock: Any,
+                                   transport: Any) -> Credentials:
+    """A sign-in stored without a key, as before sealing: what a first start with a
+    key finds."""
+    with CredentialStore(store_path) as store:
+        run = await _signed_in(provider, store, clock, transport)
+        await run.stop()
+    plain = CredentialStore(store_path).load()
+    assert plain is not None and plain.tokens.refresh_token is not None
+    return plain
+
+
 def _refreshes(provider: IdentityProvider) -> int:
     return sum(1 for r in provider.requests
                if r.endpoint == "token" and r.form.get("grant_type") == "refresh_token")
@@ -429,11 +441,7 @@ async def test_a_tampered_store_is_kept_aside_and_a_new_sign_in_starts(
 async def test_a_plain_store_is_sealed_and_refreshed_at_once_on_the_first_start_with_a_key(
         provider: IdentityProvider, store_path: Path, keys: Path, clock: Any,
         transport: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with CredentialStore(store_path) as store:
-        run = await _signed_in(provider, store, clock, transport)
-        await run.stop()
-    plain = CredentialStore(store_path).load()
-    assert plain is not None and plain.tokens.refresh_token is not None
+    plain = await _signed_in_in_plain_text(provider, store_path, clock, transport)
     assert provider.settings.rotate_refresh_tokens
     assert provider.refresh_token_valid(plain.tokens.refresh_token)
     before = _refreshes(provider)
@@ -544,11 +552,7 @@ async def test_a_plain_store_that_could_not_be_sealed_is_not_refreshed_at_once(
     # sealing failed the plain file is still the store, and a refresh now would rotate
     # its refresh token away while the new one could not be written: a power cut then
     # costs the sign-in.
-    with CredentialStore(store_path) as store:
-        run = await _signed_in(provider, store, clock, transport)
-        await run.stop()
-    plain = CredentialStore(store_path).load()
-    assert plain is not None and plain.tokens.refresh_token is not None
+    plain = await _signed_in_in_plain_text(provider, store_path, clock, transport)
     before = _refreshes(provider)
     with _StoreThatCannotWrite(store_path, encryption=encryption(keys)) as store:
         run = Running(Driver(settings_for(provider), sender=transport, store=store,
