@@ -16,8 +16,8 @@ store key delivered in $CREDENTIALS_DIRECTORY and `storage.encryption: required`
 3. Idle: CPU time and context switches (wakeups) over `--idle` seconds while signed in.
 4. Cold start: `--starts` restarts with the credentials on disk; spawn to READY=1.
 
-Beside them, the import floor: a bare interpreter with aiohttp, aiohttp.web, yaml and
-qrcode imported.
+Beside them, the import floor: a bare interpreter with aiohttp, aiohttp.web and yaml
+imported, the libraries every configuration loads before the agent's own modules.
 
     .venv/bin/python bench/daemon.py [--idle 60] [--starts 15]
 """
@@ -270,7 +270,7 @@ async def _signed_in(agent: Agent) -> bool:
 
 
 def _import_floor(python: Path) -> float:
-    code = ("import aiohttp, aiohttp.web, yaml, qrcode; "
+    code = ("import aiohttp, aiohttp.web, yaml; "
             "print(next(l.split()[1] for l in open('/proc/self/status') "
             "if l.startswith('VmRSS')))")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
@@ -295,7 +295,7 @@ async def _main(args: argparse.Namespace) -> int:
     print(f"$ python bench/daemon.py --idle {args.idle:g} --starts {args.starts} "
           f"--approve-after {args.approve_after:g} --setups {' '.join(args.setups)}")
     print("device-agent from `pip install .` in a fresh venv")
-    print(f"import floor (aiohttp, aiohttp.web, yaml, qrcode): {floor:.1f} MiB")
+    print(f"import floor (aiohttp, aiohttp.web, yaml): {floor:.1f} MiB")
     for name, figures in results.items():
         steady = figures["rss_signed_in"]
         print(f"\n[{name}]")

@@ -15,11 +15,13 @@ import logging
 import os
 import re
 import struct
+import subprocess
 import sys
 import termios
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 import pyte
@@ -35,6 +37,8 @@ from agent.logs import setup_logging
 from agent.state import Phase, Snapshot
 from tests.clock import ManualClock
 from tests.qrscan import AUTHENTIK, HUNDRED, LONGER_HOST, scan_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NOW_MONO = 10_000.0
 NOW_WALL = datetime(2027, 1, 15, 12, 0, tzinfo=UTC).timestamp()
@@ -726,6 +730,29 @@ def test_qr_matrix_raises_when_nothing_fits() -> None:
         qr_matrix(AUTHENTIK, max_modules=28)
     with pytest.raises(ValueError):
         qr_matrix("x" * 3000)
+
+
+_PILLOW_AFTER_A_MATRIX = f"""
+import sys
+from agent.display.qr import qr_matrix
+qr_matrix({AUTHENTIK!r}, max_modules=40)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] == "PIL")
+# What qrcode offers with Pillow must still work once the daemon has made a matrix.
+import qrcode
+from qrcode.image.styledpil import StyledPilImage
+from qrcode.image.styles.moduledrawers import RoundedModuleDrawer
+code = qrcode.QRCode()
+code.add_data("x")
+image = code.make_image(image_factory=StyledPilImage, module_drawer=RoundedModuleDrawer())
+print(loaded, type(image.get_image()).__module__)
+"""
+
+
+def test_a_qr_matrix_loads_no_pillow_and_leaves_qrcode_whole() -> None:
+    # In a fresh interpreter: this one has long imported Pillow for the tests.
+    answer = subprocess.run([sys.executable, "-c", _PILLOW_AFTER_A_MATRIX],
+                            capture_output=True, text=True, check=True, cwd=ROOT)
+    assert answer.stdout.split() == ["[]", "PIL.Image"]
 
 
 def test_qr_matrix_of_a_lower_level_still_decodes() -> None:

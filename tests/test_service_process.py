@@ -209,3 +209,27 @@ async def test_socket_activation_serves_the_inherited_socket(idp: IdentityProvid
     finally:
         listener.close()
     assert activated.exists()  # the socket belongs to whoever passed it
+
+
+@pytest.mark.parametrize("manager", ["path"], indirect=True)
+async def test_a_console_daemon_draws_its_qr_code_without_loading_pillow(
+        idp: IdentityProvider, manager: Manager, tmp_path: Path) -> None:
+    # Pillow is 4.6 MiB resident: a daemon whose display is text must never map it.
+    config = _write_config(tmp_path, idp.issuer, display={"type": "console"})
+    argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=_child_env(NOTIFY_SOCKET=manager.address), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(START_TIMEOUT):
+            while not set("▀▄█") & set(line := (await proc.stdout.readline()).decode()):
+                assert line, "the agent closed stdout before it drew a QR code"
+        mapped = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "/PIL/" not in mapped
+        assert "site-packages" in mapped  # the map is read: aiohttp's extensions are in it
+        await _stop(proc, manager)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

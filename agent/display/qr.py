@@ -8,7 +8,10 @@ so a device whose display never shows a code does not pay for it at start-up.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 __all__ = ["QrMatrix", "qr_matrix"]
 
@@ -49,8 +52,42 @@ def qr_matrix(data: str, *, max_modules: int | None = None) -> QrMatrix:
     raise ValueError(f"{len(data)} characters do not fit a QR code{limit}")
 
 
+# qrcode's package imports its Pillow module drawers for backwards compatibility
+# (qrcode/image/styles/moduledrawers/__init__.py, inside `except ImportError`), and with
+# them Pillow: 4.6 MiB resident in a daemon whose console display never draws an image.
+# A matrix needs none of it.
+_PILLOW_DRAWERS = "qrcode.image.styles.moduledrawers.pil"
+
+
+def _qrcode() -> ModuleType:
+    """qrcode without Pillow. Its Pillow drawers are held back only while qrcode's
+    package is first imported, and then offered lazily under their old names (PEP
+    562), so code that asks for them still gets them, with Pillow."""
+    if "qrcode" in sys.modules:
+        return sys.modules["qrcode"]
+    held_back = _PILLOW_DRAWERS not in sys.modules
+    if held_back:
+        sys.modules[_PILLOW_DRAWERS] = None  # type: ignore[assignment]
+    try:
+        import qrcode as module
+    finally:
+        if held_back and sys.modules.get(_PILLOW_DRAWERS, ...) is None:
+            del sys.modules[_PILLOW_DRAWERS]
+    if held_back:
+        package = sys.modules[_PILLOW_DRAWERS.rpartition(".")[0]]
+
+        def pillow_drawer(name: str) -> object:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return getattr(importlib.import_module(_PILLOW_DRAWERS), name)
+
+        package.__getattr__ = pillow_drawer  # type: ignore[method-assign]
+    loaded: ModuleType = module
+    return loaded
+
+
 def _error_correction(level: str) -> int:
-    from qrcode import constants
+    constants = _qrcode().constants
 
     levels: dict[str, int] = {
         "L": constants.ERROR_CORRECT_L,
@@ -65,14 +102,12 @@ def _error_correction(level: str) -> int:
 def _fitting_version(data: str, level: str) -> int | None:
     # Sizing alone is cheap; building the symbol scores all eight masks, which takes
     # long enough on a Pi Zero that rejected levels should not pay for it.
-    import qrcode
-    from qrcode.exceptions import DataOverflowError
-
+    qrcode = _qrcode()
     code = qrcode.QRCode(error_correction=_error_correction(level), border=0)
     code.add_data(data)
     try:
         code.best_fit()
-    except DataOverflowError:
+    except qrcode.exceptions.DataOverflowError:
         return None
     return int(code.version)
 
@@ -80,9 +115,7 @@ def _fitting_version(data: str, level: str) -> int | None:
 @functools.lru_cache(maxsize=8)
 def _encode(data: str, level: str) -> QrMatrix:
     # Cached: panels redraw every second during a countdown with the same code.
-    import qrcode
-
-    code = qrcode.QRCode(error_correction=_error_correction(level), border=0)
+    code = _qrcode().QRCode(error_correction=_error_correction(level), border=0)
     code.add_data(data)
     code.make(fit=True)
     rows = tuple(tuple(bool(cell) for cell in row) for row in code.get_matrix())
