@@ -112,6 +112,9 @@ SHORT_CODE_LIFETIME = 120.0
 DENIED_PAUSE = 60.0
 # Scheduled refreshes never come closer together than this.
 MIN_REFRESH_GAP = 10.0
+# A failing refresh tries once more between this and twice this before the access token
+# expires: time for a slow answer to land.
+LAST_TRY_LEAD = 30.0
 # The session looks at the clocks at least this often, so a wall-clock jump (NTP at
 # boot) is noticed in time, and an unsaved credential file is written again.
 RECHECK_INTERVAL = 60.0
@@ -1531,7 +1534,7 @@ class Session:
                 left = self._lease.remaining(now) if self._lease else None
                 delay = self._refresh_backoff.next_delay()
                 if left is not None and left > 0:
-                    delay = min(delay, max(left / 2, self.settings.refresh_retry_initial))
+                    delay = self._refresh_wait_while_valid(left, delay)
                 if hint is not None:
                     delay = max(delay, jittered(min(hint, self.settings.refresh_retry_max),
                                                 self._rng))
@@ -1550,6 +1553,28 @@ class Session:
                 if rotated is not None:
                     self._log(logging.WARNING, "the refresh answer carried a new refresh "
                               "token but no access token; keeping the new refresh token")
+
+    def _refresh_wait_while_valid(self, left: float, backoff: float) -> float:
+        """How long a failed refresh waits while the access token still serves.
+
+        The first retry comes after `backoff` (retry_initial): a blip, or an answer
+        lost after the provider rotated the refresh token, is found out at once. Later
+        ones wait retry_max with equal jitter, not a back-off ramping up from
+        retry_initial, and never past a last try a random 30-60 s before expiry; within
+        that last stretch, tries halve what is left. After an outage a ramp brings every
+        device whose refresh fell due in its last minutes back in the first seconds,
+        and a wait cut to a fraction of the time left does the same for every device
+        near expiry. This way they come back spread over the back-off and over their
+        expiries, and each still tries before its token lapses.
+        """
+        wait = backoff
+        if self._refresh_backoff.attempt > 1:
+            longest = self.settings.refresh_retry_max
+            wait = self._rng.uniform(longest / 2, longest)
+        lead = LAST_TRY_LEAD * (1.0 + self._rng.random())
+        if left > 2 * lead:
+            return min(wait, left - lead)
+        return min(wait, max(left / 2, self.settings.refresh_retry_initial))
 
     # -- userinfo and revocation ---------------------------------------------------
 
