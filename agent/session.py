@@ -115,6 +115,11 @@ MIN_REFRESH_GAP = 10.0
 # A failing refresh tries once more between this and twice this before the access token
 # expires: time for a slow answer to land.
 LAST_TRY_LEAD = 30.0
+# A refresh already overdue at start-up waits a random part of this (of half the time
+# the token has left, if less): a site whose power comes back starts every device at
+# once, and the provider would get all their refreshes in one second. A caller who
+# needs the token does not wait for it.
+START_SPREAD = 30.0
 # The session looks at the clocks at least this often, so a wall-clock jump (NTP at
 # boot) is noticed in time, and an unsaved credential file is written again.
 RECHECK_INTERVAL = 60.0
@@ -599,6 +604,7 @@ class Session:
         self._refresh_backoff = Backoff(settings.refresh_retry_initial,
                                         settings.refresh_retry_max, rng=self._rng)
         self._refresh_retry_at: float | None = None
+        self._refresh_not_before: float | None = None  # START_SPREAD
         self._refresh_error: str | None = None
         # What the last request met (set with each answer or failure), and what the
         # sign-in's trouble was, for a screen that must not say "No network" wrongly.
@@ -859,6 +865,11 @@ class Session:
             else:
                 self._go(Region.TOKENS, "loaded", T.VALID)
                 self.credentials, self._lease = creds, lease
+                due = self._refresh_due_at_raw()
+                if due is not None and due <= now.mono:
+                    spread = START_SPREAD if left is None or left <= 0 else min(
+                        START_SPREAD, left / 2)
+                    self._refresh_not_before = now.mono + self._rng.uniform(0, spread)
                 self._log(logging.INFO, f"loaded credentials for "
                           f"{user_label(creds) or 'unknown user'} (token "
                           f"{fingerprint(creds.tokens.access_token)}), "
@@ -1437,6 +1448,8 @@ class Session:
             return None
         if self._refresh_retry_at is not None:
             due = max(due, self._refresh_retry_at)
+        if self._refresh_not_before is not None:
+            due = max(due, self._refresh_not_before)
         return due
 
     def _in_refresh_backoff(self, now: float) -> bool:

@@ -25,6 +25,7 @@ from agent.errors import NotSignedIn, ProviderUnavailable, RequestTimeout
 from agent.oauth import Client, HttpResponse, TokenSet
 from agent.oauth.discovery import ExplicitEndpoints
 from agent.session import (
+    START_SPREAD,
     TRANSITIONS,
     Answered,
     Clear,
@@ -290,6 +291,13 @@ class Pump:
         return self.sent_at[send.request_id] - self.t0
 
     # common openings
+    def start_overdue(self, credentials: Credentials) -> Send:
+        """Start from disk with the refresh overdue, past the start-up spread; returns
+        the refresh."""
+        self.start(credentials)
+        self.run_for(START_SPREAD)
+        return self.request("refresh")
+
     def show_code(self, **code: Any) -> Send:
         """Start signed out and get a code on screen; returns the device request."""
         self.start()
@@ -703,8 +711,7 @@ def test_completed_new_sign_in_revokes_the_previous_refresh_token_after_the_save
 def test_token_for_and_refresh_respect_the_refresh_backoff_one_request_per_step() -> None:
     # 8
     pump = Pump()
-    pump.start(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left: due now
-    first = pump.request("refresh")
+    first = pump.start_overdue(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left
     pump.answer(first, UNAVAILABLE)
     for _step in range(3):
         while True:  # through the session's timers (its once-a-minute look too)
@@ -1187,8 +1194,8 @@ def test_a_failed_write_of_a_new_sign_in_does_not_revoke_the_token_still_on_disk
 def test_stop_writes_credentials_the_disk_refused_before() -> None:
     # 4: memory dies with the process; the last refresh's token must reach the disk.
     pump = Pump(auto_save=False)
-    pump.start(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left: due now
-    pump.answer("refresh", token_answer("A2", "R2"))
+    pump.answer(pump.start_overdue(stored(lifetime=3600, issued_at=W0 - 3000)),
+                token_answer("A2", "R2"))
     pump.feed(SaveFailed(write_id=pump.saves.pop(0).write_id, reason="disk full"))
     assert not pump.session.settled()
     pump.feed(Stop())
@@ -1226,8 +1233,8 @@ def test_credentials_signed_out_before_a_restart_are_not_served() -> None:
 def test_a_dead_refresh_token_keeps_the_sign_in_going_after_an_unused_code() -> None:
     # 4: the access token lives on, but nothing can renew it: codes keep coming.
     pump = Pump()
-    pump.start(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left: due now
-    pump.answer("refresh", oauth_error("invalid_grant"))
+    pump.answer(pump.start_overdue(stored(lifetime=3600, issued_at=W0 - 3000)),
+                oauth_error("invalid_grant"))
     pump.answer("device", code_answer("111111111", expires_in=120))
     pump.run_for(130, {"poll": oauth_error("authorization_pending")})
     assert len(pump.sends("device")) == 2
@@ -1460,3 +1467,33 @@ def test_devices_whose_tokens_near_expiry_come_back_spread_by_their_expiries() -
     slices = Counter(int(first // 10) for first in spread)
     mean = len(spread) / (max(slices) + 1)
     assert slices[0] < 2 * mean, sorted(slices.items())
+
+
+def _first_refresh_after_a_start(left: float, seed: int) -> float:
+    """Started from disk with an hour token `left` from expiry, its refresh overdue:
+    seconds until the refresh goes out."""
+    pump = Pump(seed=seed)
+    pump.start(stored(lifetime=3600.0, issued_at=W0 + left - 3600.0))
+    pump.run_for(3600.0, {"refresh": token_answer()})
+    return pump.at(pump.sends("refresh")[0])
+
+
+@pytest.mark.parametrize(("left", "within"), [(600.0, 30.0), (20.0, 10.0), (-600.0, 30.0)],
+                         ids=["valid", "nearly-expired", "expired"])
+def test_devices_started_together_spread_their_overdue_refreshes(
+        left: float, within: float) -> None:
+    # Power comes back at a site: every device starts at once with its refresh overdue.
+    # Each waits a random part of half a minute (never past half the time its token
+    # has left), so the provider does not get them all in one second.
+    firsts = [_first_refresh_after_a_start(left, seed) for seed in range(40)]
+    assert max(firsts) <= within
+    busiest = Counter(int(first) for first in firsts).most_common(1)[0][1]
+    assert busiest <= len(firsts) // 4, sorted(firsts)
+
+
+def test_a_caller_does_not_wait_for_the_spread_of_an_overdue_refresh() -> None:
+    pump = Pump(seed=1)
+    pump.start(stored(lifetime=3600.0, issued_at=W0 - 3600.0))  # expired at the start
+    assert not pump.sends("refresh")
+    assert isinstance(pump.session.token_for(60.0, pump.now), Refresh)
+    assert len(sends(pump.feed(Refresh()), "refresh")) == 1
