@@ -199,6 +199,8 @@ class Running:
             return await asyncio.shield(self.ready)
 
     async def until(self, what: str, holds: Callable[[Snapshot], bool]) -> Snapshot:
+        """Until the agent's state holds `holds`: looked at on each new snapshot only,
+        so a condition on anything else belongs to `eventually`."""
         driver = await self.driver()
         try:
             async with asyncio.timeout(PATIENCE):
@@ -214,6 +216,17 @@ class Running:
         self.stop.set()
         async with asyncio.timeout(PATIENCE):
             await self.task
+
+
+async def eventually(what: str, holds: Callable[[], bool]) -> None:
+    """Until `holds()`, for what no snapshot announces (a log line, a request the
+    provider saw): looked at every 10 ms."""
+    try:
+        async with asyncio.timeout(PATIENCE):
+            while not holds():  # noqa: ASYNC110 - nothing announces those
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not seen in {PATIENCE:.0f} s") from None
 
 
 @contextlib.asynccontextmanager
@@ -401,7 +414,7 @@ async def test_the_screen_shows_the_qr_code_and_is_sent_once_per_screen(
         driver = await agent.driver()
         code = driver.session.device_code
         polled = polls(provider, code)
-        await agent.until("two more polls", lambda s: polls(provider, code) >= polled + 2)
+        await eventually("two more polls", lambda: polls(provider, code) >= polled + 2)
         assert len(dashboard.on(screen)) == sent
 
         provider.approve()
@@ -453,7 +466,7 @@ async def test_the_new_code_button_asks_for_a_code_only_while_not_signed_in(
         await dashboard.until_state("signed in", lambda d: d["state"] == "signed_in")
         # Signed in, a code is for a new sign-in, which this config does not allow.
         await dashboard.command(b"new_code")
-        await agent.until("the command heard", lambda s: bool(
+        await eventually("the command heard", lambda: bool(
             mqtt_lines(caplog, logging.WARNING, "new_code ignored")))
         assert device_requests(provider) == 2
         assert (await agent.driver()).snapshot.phase == Phase.SIGNED_IN
@@ -469,7 +482,7 @@ async def test_commands_not_enabled_or_not_commands_are_ignored_and_logged(
         async with running(agent_config(tmp_path, provider, broker)) as agent:
             waiting = await dashboard.until_state(
                 "a code", lambda d: d["state"] == "awaiting_user")
-            await agent.until("the retained command heard", lambda s: bool(
+            await eventually("the retained command heard", lambda: bool(
                 mqtt_lines(caplog, logging.WARNING, "retained")))
             provider.approve(waiting["code"]["user_code"])
             await dashboard.until_state("signed in", lambda d: d["state"] == "signed_in")
@@ -477,7 +490,7 @@ async def test_commands_not_enabled_or_not_commands_are_ignored_and_logged(
                                   (b"new_sign_in", "new_sign_in is not enabled"),
                                   (b"\xff\x00" + b"x" * 5000, "not a command")):
                 await dashboard.command(payload)
-                await agent.until(says, lambda s, says=says: bool(
+                await eventually(says, lambda says=says: bool(
                     mqtt_lines(caplog, logging.WARNING, says)))
             assert (await agent.driver()).snapshot.phase == Phase.SIGNED_IN
             assert device_requests(provider) == 1
@@ -514,7 +527,7 @@ async def test_a_wrong_password_is_said_once_and_the_agent_works_without_the_bro
         assert status == 200 and body["state"] == "signed_in"
         status, body = await agent.api("GET", "/v1/token")
         assert status == 200 and body["access_token"]
-        await agent.until("three refusals", lambda s: len(
+        await eventually("three refusals", lambda: len(
             mqtt_lines(caplog, logging.DEBUG, "refused")) >= 2)
         [said] = [line for level in (logging.WARNING, logging.ERROR)
                   for line in mqtt_lines(caplog, level, "")]
@@ -573,7 +586,7 @@ async def test_the_broker_down_at_start_changes_nothing_and_is_said_once(
             provider.approve()
             await agent.until("signed in", lambda s: s.phase == Phase.SIGNED_IN)
             assert (await agent.api("GET", "/v1/token"))[0] == 200
-            await agent.until("retries", lambda s: len(
+            await eventually("retries", lambda: len(
                 mqtt_lines(caplog, logging.DEBUG, "Connection refused")) >= 2)
             said = mqtt_lines(caplog, logging.WARNING, "")
             assert len(said) == 1 and "Connection refused" in said[0], said
