@@ -31,6 +31,7 @@ from aiohttp import web
 from agent import __version__
 from agent.accounts import group_id, user_id
 from agent.connections import (
+    ACCEPT_BATCH,
     BACKLOG,
     Caller,
     ConnectionGuard,
@@ -450,7 +451,8 @@ class ApiServer:
         # one this agent bound it removes itself, if it is still the one it bound).
         self._listener = await loop.create_server(
             self._app[GUARD].protocol_factory(self._runner.server), sock=sock,
-            backlog=BACKLOG)
+            backlog=ACCEPT_BATCH)
+        sock.listen(BACKLOG)  # create_server listened with the batch; the kernel queues more
         if self._inherited is None:
             # Bound under the daemon's umask (0077 under systemd: owner only), then
             # opened to the group: it never starts out wider than configured.

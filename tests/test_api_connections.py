@@ -14,12 +14,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.api import AccessPolicy, ApiServer, build_app
 from agent.client import call
-from agent.connections import ConnectionGuard, ConnectionLimits
+from agent.connections import ACCEPT_BATCH, ConnectionGuard, ConnectionLimits
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 from agent.state import Phase
 from agent.store import _decode
@@ -32,6 +33,7 @@ from tests.test_api import (  # noqa: F401  (fixtures)
     as_other_user,
     needs_root,
     running,
+    serve_api,
     sign_in,
     socket_dir,
 )
@@ -334,3 +336,50 @@ def test_the_unit_states_the_descriptor_limit_the_bounds_are_derived_from() -> N
     assert guard.capacity <= fd_limit - guard.limits.fd_reserve
     assert guard.others_capacity <= guard.capacity // 2
     assert guard.others_capacity >= 2 * guard.limits.per_caller
+
+
+# Connects and hangs up `count` times as fast as it can, as a careless script might.
+CHURNER = r"""
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+for _ in range(count):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+print("done", flush=True)
+"""
+
+
+async def test_a_client_connecting_in_a_loop_is_taken_a_few_connections_at_a_time(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    # Hundreds of connections set up at once are the daemon's memory high-water mark
+    # for good: the agent takes what the kernel queued a batch per wake-up.
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+    try:
+        await _churn(server, path)
+    finally:
+        await server.close()
+
+
+async def _churn(server: ApiServer, path: Path) -> None:
+    guard = server.guard
+    admit = guard._admit
+    at_once: list[int] = []
+
+    def counted(transport: asyncio.Transport) -> Any:
+        connection = admit(transport)
+        at_once.append(guard.open)
+        return connection
+
+    guard._admit = counted  # type: ignore[method-assign]
+    churner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHURNER, str(path), "1000",
+        stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        out, _ = await churner.communicate()
+    assert out.decode().split() == ["done"]
+    await until(lambda: len(at_once) == 1000 and guard.open == 0)
+    # Each hung-up connection lives three turns of the loop (accepted, set up, its end
+    # read), so three batches overlap; the one the client has not hung up yet may stay
+    # longer. With the batch at 128, as before, it was 384.
+    assert max(at_once) <= 3 * ACCEPT_BATCH + 1, max(at_once)
