@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import logging
 import math
 import os
@@ -518,6 +517,8 @@ def _join(key: str, name: str) -> str:
 
 
 def _unknown_key(name: str, accepted: Mapping[str, Reader]) -> str:
+    import difflib  # only for a config that is wrong
+
     close = difflib.get_close_matches(name, accepted, n=1)
     guess = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key; {guess}accepted keys: {', '.join(accepted)}"
