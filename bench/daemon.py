@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from installed import plain_install
+from installed import plain_install, unit_environment
 from timing import spread
 
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
@@ -132,6 +132,7 @@ class Agent:
         listener.settimeout(PATIENCE)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("LISTEN_", "WATCHDOG_", "DEVICE_AGENT_"))}
+        env |= unit_environment()
         env["NOTIFY_SOCKET"] = str(self.notify)
         env.pop("CREDENTIALS_DIRECTORY", None)
         if self.credentials is not None:

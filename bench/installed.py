@@ -4,6 +4,7 @@ start-up a few milliseconds)."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,3 +27,16 @@ def plain_install(where: Path) -> Path:
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}[sealed]"],
                    check=True)
     return venv / "bin"
+
+
+def unit_environment() -> dict[str, str]:
+    """The Environment= settings of systemd/device-agent.service: the daemon is measured
+    as systemd runs it."""
+    unit = ROOT / "systemd" / "device-agent.service"
+    settings = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.removeprefix("Environment=")):
+                name, _, value = assignment.partition("=")
+                settings[name] = value
+    return settings

@@ -21,6 +21,7 @@ import pytest
 
 from agent.client import call
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+from bench.installed import unit_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_WAITING = re.compile(
@@ -212,13 +213,15 @@ async def test_socket_activation_serves_the_inherited_socket(idp: IdentityProvid
 
 
 @pytest.mark.parametrize("manager", ["path"], indirect=True)
-async def test_a_console_daemon_draws_its_qr_code_without_loading_pillow(
+async def test_a_console_daemon_as_the_unit_runs_it_maps_neither_pillow_nor_libstdcxx(
         idp: IdentityProvider, manager: Manager, tmp_path: Path) -> None:
-    # Pillow is 4.6 MiB resident: a daemon whose display is text must never map it.
+    # Resident memory a daemon whose display is text has no use for: Pillow (4.6 MiB),
+    # and the C++ runtime frozenlist's extension would load (1.1 MiB).
     config = _write_config(tmp_path, idp.issuer, display={"type": "console"})
     argv = [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
+    env = _child_env(NOTIFY_SOCKET=manager.address, **unit_environment())
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=_child_env(NOTIFY_SOCKET=manager.address), cwd=ROOT,
+        *argv, env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
@@ -227,6 +230,7 @@ async def test_a_console_daemon_draws_its_qr_code_without_loading_pillow(
                 assert line, "the agent closed stdout before it drew a QR code"
         mapped = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "/PIL/" not in mapped
+        assert "libstdc++" not in mapped
         assert "site-packages" in mapped  # the map is read: aiohttp's extensions are in it
         await _stop(proc, manager)
     finally:
