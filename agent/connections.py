@@ -139,9 +139,10 @@ BACKLOG = 128
 # asyncio takes at most its `backlog` argument's worth of queued connections each time
 # the listening socket wakes the loop (CPython's selector loop, bpo-27906). With 128, a
 # client that connects and hangs up in a loop has hundreds set up before any is read:
-# a burst that stays the process's memory high-water mark (+3 MiB resident after 1,000
-# such connections, +0.8 with 16) and holds up everything else the loop has to do.
-ACCEPT_BATCH = 16
+# a burst that stays the process's memory high-water mark (+3.1 MiB resident after
+# 1,000 such connections; +0.8 with 16, +0.2 with 4, +0.04 with 1) and holds up
+# everything else the loop has to do. nginx takes one a wake-up by default.
+ACCEPT_BATCH = 4
 
 
 @dataclass(eq=False)
