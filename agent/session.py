@@ -115,11 +115,16 @@ MIN_REFRESH_GAP = 10.0
 # A failing refresh tries once more between this and twice this before the access token
 # expires: time for a slow answer to land.
 LAST_TRY_LEAD = 30.0
-# A refresh already overdue at start-up waits a random part of this (of half the time
-# the token has left, if less): a site whose power comes back starts every device at
-# once, and the provider would get all their refreshes in one second. A caller who
+# While the token serves, this many retries follow the back-off from retry_initial;
+# later ones wait retry_max (Session._refresh_wait_while_valid).
+QUICK_REFRESH_RETRIES = 3
+# A refresh already overdue at start-up waits a random part of this: a site whose power
+# comes back starts every device at once, and the provider would get all their
+# refreshes in one second. Less where the token has under two last-try leads to spare
+# (none at all within them), and a few seconds for one that has expired; a caller who
 # needs the token does not wait for it.
 START_SPREAD = 30.0
+EXPIRED_START_SPREAD = 5.0
 # The session looks at the clocks at least this often, so a wall-clock jump (NTP at
 # boot) is noticed in time, and an unsaved credential file is written again.
 RECHECK_INTERVAL = 60.0
@@ -604,7 +609,9 @@ class Session:
         self._refresh_backoff = Backoff(settings.refresh_retry_initial,
                                         settings.refresh_retry_max, rng=self._rng)
         self._refresh_retry_at: float | None = None
-        self._refresh_not_before: float | None = None  # START_SPREAD
+        # START_SPREAD: the lease it holds back, and until when; the first refresh sent
+        # ends it.
+        self._refresh_not_before: tuple[Lease, float] | None = None
         self._refresh_error: str | None = None
         # What the last request met (set with each answer or failure), and what the
         # sign-in's trouble was, for a screen that must not say "No network" wrongly.
@@ -867,9 +874,8 @@ class Session:
                 self.credentials, self._lease = creds, lease
                 due = self._refresh_due_at_raw()
                 if due is not None and due <= now.mono:
-                    spread = START_SPREAD if left is None or left <= 0 else min(
-                        START_SPREAD, left / 2)
-                    self._refresh_not_before = now.mono + self._rng.uniform(0, spread)
+                    self._refresh_not_before = (
+                        lease, now.mono + self._rng.uniform(0, _start_spread(left)))
                 self._log(logging.INFO, f"loaded credentials for "
                           f"{user_label(creds) or 'unknown user'} (token "
                           f"{fingerprint(creds.tokens.access_token)}), "
@@ -1448,8 +1454,8 @@ class Session:
             return None
         if self._refresh_retry_at is not None:
             due = max(due, self._refresh_retry_at)
-        if self._refresh_not_before is not None:
-            due = max(due, self._refresh_not_before)
+        if self._refresh_not_before is not None and self._refresh_not_before[0] is self._lease:
+            due = max(due, self._refresh_not_before[1])
         return due
 
     def _in_refresh_backoff(self, now: float) -> bool:
@@ -1467,6 +1473,7 @@ class Session:
             self._refresh_after_discovery = self.states[Region.ENDPOINTS] == E.DISCOVERING
             return
         self._go(Region.TOKENS, "refresh", T.REFRESHING)
+        self._refresh_not_before = None
         self._send(refresh_request(creds.tokens, client=self.settings.client,
                                    token_endpoint=endpoints.token),
                    self._outgoing("refresh", tokens=creds.tokens))
@@ -1570,18 +1577,18 @@ class Session:
     def _refresh_wait_while_valid(self, left: float, backoff: float) -> float:
         """How long a failed refresh waits while the access token still serves.
 
-        The first retry comes after `backoff` (retry_initial): a blip, or an answer
-        lost after the provider rotated the refresh token, is found out at once. Later
-        ones wait retry_max with equal jitter, not a back-off ramping up from
-        retry_initial, and never past a last try a random 30-60 s before expiry; within
-        that last stretch, tries halve what is left. After an outage a ramp brings every
-        device whose refresh fell due in its last minutes back in the first seconds,
-        and a wait cut to a fraction of the time left does the same for every device
-        near expiry. This way they come back spread over the back-off and over their
-        expiries, and each still tries before its token lapses.
+        The first QUICK_REFRESH_RETRIES retries take the back-off from retry_initial
+        (about 2, 4, 8 s): a blip, or an answer lost after the provider rotated the
+        refresh token, is found out at once. Later ones wait retry_max with equal
+        jitter, never past a last try a random 30-60 s before expiry; within that last
+        stretch, tries halve what is left. After an outage, a back-off still ramping up
+        brings every device whose refresh fell due in its last minutes back in the
+        first seconds, and a wait cut to a fraction of the time left does the same for
+        every device near expiry; so they come back spread over retry_max and over
+        their expiries, and each still tries before its token lapses.
         """
         wait = backoff
-        if self._refresh_backoff.attempt > 1:
+        if self._refresh_backoff.attempt > QUICK_REFRESH_RETRIES:
             longest = self.settings.refresh_retry_max
             wait = self._rng.uniform(longest / 2, longest)
         lead = LAST_TRY_LEAD * (1.0 + self._rng.random())
@@ -1846,6 +1853,15 @@ def _same_record(a: SessionRecord, b: SessionRecord | None) -> bool:
     return (a.throttle_delay == b.throttle_delay
             and a.codes_expired_unused == b.codes_expired_unused
             and a.pending_revocations == b.pending_revocations)
+
+
+def _start_spread(left: float | None) -> float:
+    """How long a refresh overdue at start-up may be held back (START_SPREAD)."""
+    if left is None:
+        return START_SPREAD
+    if left <= 0:
+        return EXPIRED_START_SPREAD
+    return min(START_SPREAD, max(0.0, (left - 2 * LAST_TRY_LEAD) / 2))
 
 
 def jittered(delay: float, rng: random.Random) -> float:
