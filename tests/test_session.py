@@ -715,7 +715,7 @@ def test_token_for_and_refresh_respect_the_refresh_backoff_one_request_per_step(
     first = pump.start_overdue(stored(lifetime=3600, issued_at=W0 - 3000))  # 600 s left
     pump.answer(first, UNAVAILABLE)
     for _step in range(3):
-        while True:  # through the session's timers (its once-a-minute look too)
+        for _timer in range(100):  # through the session's timers (its minutely look too)
             since = pump.mono
             step_at = pump.session.next_timer()
             assert step_at is not None and step_at > since
@@ -732,6 +732,8 @@ def test_token_for_and_refresh_respect_the_refresh_backoff_one_request_per_step(
                 continue
             assert isinstance(decision, Refresh)
             break
+        else:
+            raise AssertionError("the back-off never ended")
         effects = pump.feed(Refresh())
         assert len(sends(effects, "refresh")) == 1
         assert not sends(pump.feed(Refresh())), "one in flight is shared"
