@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +104,8 @@ _MAX_ANSWER = 1 << 20
 
 
 def call(path: Path, method: str, target: str, *, timeout: float = 30.0) -> ApiAnswer:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = _connect(path, timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AgentUnavailable(f"no agent is listening on {path} ({exc.strerror})") from None
-        except PermissionError:
-            raise AgentNotAllowed(
-                f"no permission to open {path}: the socket's group, and api.read_users or "
-                "api.read_groups, decide who may") from None
         sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n"
                      "Accept: application/json\r\nConnection: close\r\n"
                      "Content-Length: 0\r\n\r\n".encode("ascii"))
@@ -130,6 +122,35 @@ def call(path: Path, method: str, target: str, *, timeout: float = 30.0) -> ApiA
     if not isinstance(body, dict):
         body = {"value": body}
     return ApiAnswer(status, body)
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            # The queue of connections the agent has not taken yet is full (a burst of
+            # callers): wait for room within the timeout, as a blocking connect would.
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(f"the agent at {path} takes no more connections "
+                                       "(its queue stayed full)") from None
+            time.sleep(0.005)
+            continue
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+                raise AgentUnavailable(
+                    f"no agent is listening on {path} ({exc.strerror})") from None
+            if isinstance(exc, PermissionError):
+                raise AgentNotAllowed(
+                    f"no permission to open {path}: the socket's group, and api.read_users "
+                    "or api.read_groups, decide who may") from None
+            raise
+        return sock
 
 
 def _parse_answer(data: bytes, path: Path) -> tuple[int, bytes]:

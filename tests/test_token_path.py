@@ -154,3 +154,58 @@ def test_an_answer_without_json_is_reported_not_raised(
     serve(agent_at, http_answer(b"<html>proxy error</html>", status="502 Bad Gateway"))
     answer = call(agent_at[0], "GET", "/v1/token", timeout=10)
     assert answer.status == 502 and answer.error == "bad_answer"
+
+
+def _full_queue(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket that takes nothing, its queue filled by connections."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(str(path))
+        except BlockingIOError:
+            filler.close()
+            return listener, queued
+        queued.append(filler)
+
+
+def test_a_queue_that_stays_full_is_a_typed_error_after_the_timeout(tmp_path: Path) -> None:
+    # A burst of callers can fill the kernel's queue before the agent takes them; a
+    # connect then fails at once with EAGAIN, not a typed error.
+    listener, queued = _full_queue(tmp_path / "agent.sock")
+    try:
+        with pytest.raises(AgentUnavailable, match="takes no more connections"):
+            call(tmp_path / "agent.sock", "GET", "/v1/token", timeout=0.3)
+    finally:
+        for sock in (listener, *queued):
+            sock.close()
+
+
+def test_a_full_queue_is_waited_out_within_the_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    listener, queued = _full_queue(path)
+    answered: list[int] = []
+    caller = threading.Thread(target=lambda: answered.append(
+        call(path, "GET", "/v1/token", timeout=30).status))
+    caller.start()
+    try:
+        # Room at last: the agent takes what was queued, the caller among them.
+        for filler in queued:
+            filler.close()
+        listener.settimeout(0.1)
+        while caller.is_alive():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                if connection.recv(4096):  # a filler sends nothing, and has hung up
+                    connection.sendall(http_answer(json.dumps(TOKEN).encode()))
+    finally:
+        caller.join(timeout=30)
+        listener.close()
+    assert answered == [200]
