@@ -406,6 +406,15 @@ async def _json_errors(request: web.Request,
         return _error(exc.status, code, exc.reason)
 
 
+class _KeepsItsBacklog(socket.socket):
+    """asyncio's `backlog` is both what it passes to listen() and how many queued
+    connections it takes a wake-up (ACCEPT_BATCH); the kernel's queue stays BACKLOG,
+    from the first moment the server listens."""
+
+    def listen(self, _backlog: int = BACKLOG) -> None:
+        super().listen(BACKLOG)
+
+
 class ApiServer:
     """The API on a Unix socket: bound here, or taken over from systemd. Connections
     pass the app's `ConnectionGuard` before aiohttp sees them."""
@@ -449,10 +458,10 @@ class ApiServer:
         # create_server, not create_unix_server: from Python 3.13 the latter unlinks
         # the socket file on close, and an inherited socket's file is systemd's (the
         # one this agent bound it removes itself, if it is still the one it bound).
+        sock = _KeepsItsBacklog(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self._listener = await loop.create_server(
             self._app[GUARD].protocol_factory(self._runner.server), sock=sock,
             backlog=ACCEPT_BATCH)
-        sock.listen(BACKLOG)  # create_server listened with the batch; the kernel queues more
         if self._inherited is None:
             # Bound under the daemon's umask (0077 under systemd: owner only), then
             # opened to the group: it never starts out wider than configured.

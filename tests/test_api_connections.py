@@ -383,3 +383,49 @@ async def _churn(server: ApiServer, path: Path) -> None:
     # read), so three batches overlap; the one the client has not hung up yet may stay
     # longer: 13 with 4 a turn. With the batch at 128, as before, it was 384.
     assert max(at_once) <= 16, max(at_once)
+
+
+async def test_taking_over_a_busy_socket_from_systemd_refuses_no_one(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    # systemd queued callers while the agent started; asyncio listens with its accept
+    # batch, and a queue cut to that would turn the next caller away with EAGAIN.
+    path = socket_dir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(128)
+    callers: list[socket.socket] = []
+    turned_away: list[str] = []
+
+    def caller() -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError as exc:
+            sock.close()
+            turned_away.append(exc.strerror or "EAGAIN")
+            return
+        callers.append(sock)
+
+    for _ in range(40):
+        caller()
+    loop = asyncio.get_running_loop()
+    starting = True
+
+    def each_turn() -> None:  # a caller on every turn of the loop while the agent starts
+        if starting:
+            caller()
+            loop.call_soon(each_turn)
+
+    server = ApiServer(build_app(running.driver, AccessPolicy()), path, sock=listener)
+    loop.call_soon(each_turn)
+    try:
+        await server.start()
+        starting = False
+        assert turned_away == [], (turned_away, len(callers))
+        assert len(callers) > 40
+    finally:
+        starting = False
+        for sock in callers:
+            sock.close()
+        await server.close()
