@@ -904,8 +904,11 @@ class Session:
             issued_at=now.mono + left - lifetime)
         self._go(Region.SIGN_IN, "resume", S.AWAITING_USER)
         self._poll = self._new_poll(authorization, scope=code.scope)
-        # §3.5: at least `interval` before the first poll after the restart too.
-        self._poll.next_poll_at = max(self._poll.next_poll_at, now.mono + code.interval)
+        # §3.5: at least `interval` before the first poll after the restart too, and a
+        # random part of one more: devices restarted together (power back at a site)
+        # would otherwise poll in step from then on.
+        self._poll.next_poll_at = max(self._poll.next_poll_at,
+                                      now.mono + code.interval * (1.0 + self._rng.random()))
         self._log(logging.INFO, f"resuming code {code.user_code} "
                   f"(valid for {duration(left)})")
         return True

@@ -959,6 +959,17 @@ def test_restart_resumes_the_code_on_screen() -> None:
     assert not pump.sends("device")
 
 
+def test_codes_resumed_together_are_polled_out_of_step() -> None:
+    # Power back at a site: every device resumes its code at the same moment.
+    firsts = set()
+    for seed in range(20):
+        pump = Pump(seed=seed)
+        pump.start(record=SessionRecord(pending_code=_pending_code(interval=5.0)))
+        firsts.add(round(pump.at(pump.poll_now()), 1))
+    assert 5.0 <= min(firsts) and max(firsts) <= 10.0
+    assert len(firsts) >= 15, sorted(firsts)
+
+
 def test_resumed_code_is_polled_on_until_it_is_approved() -> None:
     # 12
     pump = Pump()
