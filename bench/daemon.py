@@ -6,7 +6,9 @@ time from a person's approval to a served token.
 loopback, in each of `--setups`: `console` (stdout not a terminal, as under systemd);
 `oled`, an SSD1306 on an I2C bus that does not exist (luma is loaded and the panel
 retried, as on a device whose panel came loose); `console-sealed`, the console with a
-store key delivered in $CREDENTIALS_DIRECTORY and `storage.encryption: required`.
+store key delivered in $CREDENTIALS_DIRECTORY and `storage.encryption: required`;
+`console-mqtt`, the console publishing to a real Mosquitto on loopback (the `mqtt`
+extra: aiomqtt, paho-mqtt). The setups' difference is what each extra costs.
 
 1. Sign-in: the provider approves `--approve-after` seconds after a code is issued;
    the time from that approval to the first `GET /v1/token` answered 200 is reported.
@@ -39,7 +41,11 @@ from typing import Any
 from installed import plain_install, unit_environment
 from timing import spread
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+from tests.mosquitto import Mosquitto, missing
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_REQUEST = b"GET /v1/token HTTP/1.1\r\nHost: agent\r\n\r\n"
@@ -52,6 +58,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "console": {"display": {"type": "console"}},
     "oled": {"display": {"type": "ssd1306", "options": {"interface": "i2c", "port": 99}}},
     "console-sealed": {"display": {"type": "console"}, "sealed": True},
+    "console-mqtt": {"display": {"type": "console"}, "mqtt": True},
 }
 
 
@@ -102,7 +109,7 @@ async def _get(path: Path, target: str) -> tuple[int, bytes] | None:
 
 class Agent:
     def __init__(self, workdir: Path, idp: IdentityProvider, setup: dict[str, Any],
-                 program: Path) -> None:
+                 program: Path, broker: Mosquitto | None = None) -> None:
         self.workdir = workdir
         self.program = program
         self.credentials: Path | None = None
@@ -113,7 +120,7 @@ class Agent:
         self.socket = workdir / "agent.sock"
         self.notify = workdir / "notify.sock"
         self.config = workdir / "config.yaml"
-        self.config.write_text(json.dumps({  # JSON is YAML
+        config: dict[str, Any] = {
             "provider": {"issuer": idp.issuer, "client_id": idp.settings.client_id,
                          "allow_insecure_http": True},
             "display": setup["display"],
@@ -121,7 +128,16 @@ class Agent:
                         "encryption": "required" if setup.get("sealed") else "auto"},
             "api": {"socket": str(self.socket)},
             "logging": {"level": "info"},
-        }))
+        }
+        if setup.get("mqtt"):
+            assert broker is not None
+            password = workdir / "mqtt-password"
+            password.write_text(broker.users["device"] + "\n")
+            password.chmod(0o600)
+            config["mqtt"] = {"host": broker.host, "port": broker.port, "username": "device",
+                              "password_file": str(password), "client_id": "bench-device",
+                              "base_topic": "device-agent/bench-device"}
+        self.config.write_text(json.dumps(config))  # JSON is YAML
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -220,10 +236,11 @@ async def _token_requests(path: Path, total: int, clients: int) -> None:
 
 
 async def _one_display(idp: IdentityProvider, name: str, args: argparse.Namespace,
-                       root: Path, program: Path) -> dict[str, Any]:
+                       root: Path, program: Path, broker: Mosquitto | None
+                       ) -> dict[str, Any]:
     workdir = root / name
     workdir.mkdir()
-    agent = Agent(workdir, idp, SETUPS[name], program)
+    agent = Agent(workdir, idp, SETUPS[name], program, broker)
     figures: dict[str, Any] = {}
     first_ready = agent.start()
     try:
@@ -286,12 +303,23 @@ def _spread(values: list[float]) -> str:
 
 async def _main(args: argparse.Namespace) -> int:
     settings = ProviderSettings(interval=1)
+    needs_broker = any(SETUPS[name].get("mqtt") for name in args.setups)
+    if needs_broker and (why := missing()) is not None:
+        print(f"console-mqtt {why}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="da-bench-") as tmp:
         bin_dir = plain_install(Path(tmp))
-        async with serve_provider(settings) as idp:
-            results = {name: await _one_display(idp, name, args, Path(tmp), bin_dir /
-                                                "device-agent")
-                       for name in args.setups}
+        broker = Mosquitto(Path(tmp) / "broker") if needs_broker else None
+        if broker is not None:
+            await broker.start()
+        try:
+            async with serve_provider(settings) as idp:
+                results = {name: await _one_display(idp, name, args, Path(tmp),
+                                                    bin_dir / "device-agent", broker)
+                           for name in args.setups}
+        finally:
+            if broker is not None:
+                await broker.stop()
         floor = _import_floor(bin_dir / "python")
     print(f"$ python bench/daemon.py --idle {args.idle:g} --starts {args.starts} "
           f"--approve-after {args.approve_after:g} --setups {' '.join(args.setups)}")

@@ -22,9 +22,9 @@ def plain_install(where: Path) -> Path:
         ".git", ".venv", "node_modules", "build", "__pycache__", "*.egg-info"))
     venv = where / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # With the `sealed` extra, so a benchmark can deliver a store key; cryptography is
-    # imported only when one is delivered.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}[sealed]"],
+    # With the `sealed` and `mqtt` extras, so a benchmark can deliver a store key or name
+    # a broker; each is imported only when the config asks for it.
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{source}[sealed,mqtt]"],
                    check=True)
     return venv / "bin"
 
