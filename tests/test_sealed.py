@@ -34,7 +34,13 @@ from agent.sessionfile import PendingCode, PendingRevocation, SessionFile, Sessi
 from agent.state import Phase
 from agent.store import SEALED_FORMAT_VERSION, Credentials, CredentialStore
 from tests.harness import Running, settings_for
-from tests.test_store import SAMPLE, assert_clean_exception, assert_no_secret, make_credentials
+from tests.test_store import (
+    SAMPLE,
+    _setting,
+    assert_clean_exception,
+    assert_no_secret,
+    make_credentials,
+)
 
 DEVICE_CODE = "dc-GmF4kQ9zXw2pL7vRt0YbNc3sHe8uJd"
 REVOKE = "rt-Zp3Lm8Qx1Vb6Nw9Kc2Ts5Yh0Rj4Fg7Da"
@@ -261,35 +267,26 @@ def test_every_flipped_byte_fails_cleanly(path: Path, keys: Path) -> None:
     assert StoreUnsealable in failures  # the AEAD check, not only the JSON parser
 
 
-def _edit(key_path: tuple[str, ...], value: Any) -> Callable[[dict[str, Any]], None]:
-    def mutate(document: dict[str, Any]) -> None:
-        target = document
-        for key in key_path[:-1]:
-            target = target[key]
-        target[key_path[-1]] = value
-    return mutate
-
-
 BOUND: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
-    ("client_id", _edit(("client_id",), "another-client")),
-    ("issuer", _edit(("issuer",), "https://evil.example.com/")),
-    ("issuer-null", _edit(("issuer",), None)),
-    ("claims.name", _edit(("claims", "name"), "Mallory")),
-    ("claims-added", _edit(("claims", "role"), "admin")),
-    ("machine_id", _edit(("machine_id",), "0" * 32)),
-    ("tokens.token_type", _edit(("tokens", "token_type"), "DPoP")),
-    ("tokens.issued_at", _edit(("tokens", "issued_at"), 1_800_000_000.25)),
-    ("tokens.expires_at", _edit(("tokens", "expires_at"), 2_000_000_000.0)),
-    ("tokens.expires_at-null", _edit(("tokens", "expires_at"), None)),
-    ("tokens.scope", _edit(("tokens", "scope"), "openid admin")),
-    ("a-field-added", _edit(("note",), "added by hand")),
-    ("sealed.key_id", _edit(("sealed", "key_id"), "0" * 16)),
-    ("sealed.nonce", _edit(("sealed", "nonce"), base64.b64encode(bytes(12)).decode())),
-    ("sealed.cipher", _edit(("sealed", "cipher"), "AES-256-GCM")),
+    ("client_id", _setting(("client_id",), "another-client")),
+    ("issuer", _setting(("issuer",), "https://evil.example.com/")),
+    ("issuer-null", _setting(("issuer",), None)),
+    ("claims.name", _setting(("claims", "name"), "Mallory")),
+    ("claims-added", _setting(("claims", "role"), "admin")),
+    ("machine_id", _setting(("machine_id",), "0" * 32)),
+    ("tokens.token_type", _setting(("tokens", "token_type"), "DPoP")),
+    ("tokens.issued_at", _setting(("tokens", "issued_at"), 1_800_000_000.25)),
+    ("tokens.expires_at", _setting(("tokens", "expires_at"), 2_000_000_000.0)),
+    ("tokens.expires_at-null", _setting(("tokens", "expires_at"), None)),
+    ("tokens.scope", _setting(("tokens", "scope"), "openid admin")),
+    ("a-field-added", _setting(("note",), "added by hand")),
+    ("sealed.key_id", _setting(("sealed", "key_id"), "0" * 16)),
+    ("sealed.nonce", _setting(("sealed", "nonce"), base64.b64encode(bytes(12)).decode())),
+    ("sealed.cipher", _setting(("sealed", "cipher"), "AES-256-GCM")),
     ("sealed.ciphertext-cut", lambda d: d["sealed"].update(
         ciphertext=d["sealed"]["ciphertext"][:-8])),
     ("sealed-missing", lambda d: d.pop("sealed")),
-    ("a-token-put-back-in-plain", _edit(("tokens", "access_token"), "at-planted")),
+    ("a-token-put-back-in-plain", _setting(("tokens", "access_token"), "at-planted")),
 ]
 
 
