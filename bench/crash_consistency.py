@@ -70,6 +70,9 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from agent.client import AgentUnavailable, ApiAnswer, call
 from agent.errors import StoreError
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
@@ -78,6 +81,7 @@ from agent.sealing import KEY_SIZE, STORE_KEY, Encryption
 from agent.session import MIN_REFRESH_GAP
 from agent.sessionfile import SessionFile
 from agent.store import Credentials, CredentialStore
+from tests.test_service_process import _child_env
 
 __all__ = ["Cause", "Outcome", "Plan", "Report", "Window", "main", "run"]
 
@@ -713,17 +717,6 @@ def agent_command(config: Path) -> list[str]:
     if script.exists():
         return [str(script), "run", "--config", str(config)]
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(config)]
-
-
-def _child_env(credentials: Path | None = None) -> dict[str, str]:
-    # Nothing of a service manager or an agent this may itself run under.
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                                  "DEVICE_AGENT_", "CREDENTIALS_DIRECTORY"))}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if credentials is not None:
-        env["CREDENTIALS_DIRECTORY"] = str(credentials)
-    return env
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from agent.idp import IdentityProvider, ProviderSettings, serve_provider
 from agent.sealing import KEY_SIZE, STORE_KEY
 from agent.store import SEALED_FORMAT_VERSION, CredentialStore
 from tests.test_sealed import assert_no_key, deliver_key, encryption
+from tests.test_service_process import _child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EX_CONFIG = 78
@@ -43,16 +44,6 @@ atexit.register(dump)
 from agent.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def child_env(credentials: Path | None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                                  "DEVICE_AGENT_", "CREDENTIALS_DIRECTORY"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    if credentials is not None:
-        env["CREDENTIALS_DIRECTORY"] = str(credentials)
-    return env
 
 
 def write_config(tmp: Path, issuer: str, **overrides: Any) -> Path:
@@ -120,7 +111,7 @@ async def agent(config: Path, credentials: Path | None,
         argv = [sys.executable, "-c", _MODULES_AT_EXIT, str(modules),
                 "run", "--config", str(config)]
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=child_env(credentials), cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
+        *argv, env=_child_env(credentials), cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         yield Agent(proc, Path(json.loads(config.read_text())["api"]["socket"]))
@@ -166,7 +157,7 @@ async def test_a_key_without_cryptography_installed_is_a_config_error(
                "sys.exit(main(sys.argv[1:]))")
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", blocked, "run", "--config", str(config)],
-        env=child_env(credentials), cwd=ROOT, capture_output=True, text=True,
+        env=_child_env(credentials), cwd=ROOT, capture_output=True, text=True,
         timeout=START_LIMIT)
     assert done.returncode == EX_CONFIG, done.stderr
     assert "storage.encryption" in done.stderr

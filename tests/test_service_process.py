@@ -44,11 +44,15 @@ os.execv(sys.executable, [sys.executable, "-m", "agent.cli", *sys.argv[2:]])
 """
 
 
-def _child_env(**extra: str) -> dict[str, str]:
+def _child_env(credentials: Path | None = None, **extra: str) -> dict[str, str]:
+    """This environment with nothing of a service manager or an agent this may itself
+    run under; `credentials` as systemd's $CREDENTIALS_DIRECTORY."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                                  "DEVICE_AGENT_"))}
+                                  "DEVICE_AGENT_", "CREDENTIALS_DIRECTORY"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if credentials is not None:
+        env["CREDENTIALS_DIRECTORY"] = str(credentials)
     env.update(extra)
     return env
 
