@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,16 @@ async def provider(provider_settings: ProviderSettings,
                    clock: ManualClock) -> AsyncIterator[IdentityProvider]:
     async with serve_provider(provider_settings, clock=clock) as running:
         yield running
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # Outside pytest's 0700 tmp tree, so clients under other uids can reach the socket,
+    # and short enough for sun_path.
+    path = Path(tempfile.mkdtemp(prefix="da-sock-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

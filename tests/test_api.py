@@ -8,12 +8,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,6 @@ from tests.harness import Running, StartDriver
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    # Outside pytest's 0700 tmp tree, so clients under other uids can reach the socket.
-    path = Path(tempfile.mkdtemp(prefix="da-api-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Api:

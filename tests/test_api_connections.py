@@ -35,7 +35,6 @@ from tests.test_api import (  # noqa: F401  (fixtures)
     running,
     serve_api,
     sign_in,
-    socket_dir,
 )
 from tests.test_service_process import ROOT, _child_env, _write_config
 
@@ -206,7 +205,7 @@ async def test_silent_idle_and_half_sent_connections_are_closed_but_event_stream
 # The agent as a child process under the descriptor limit a shell gives it (1024), and
 # the local users of issue 9 item 4: two readers open connections by the thousand.
 @needs_root
-async def test_flooded_agent_still_refreshes_and_saves(tmp_path: Path, socket_dir: Path,  # noqa: F811
+async def test_flooded_agent_still_refreshes_and_saves(tmp_path: Path, socket_dir: Path,
                                                        holders: list[Holder]) -> None:
     async with serve_provider(ProviderSettings(interval=1)) as idp:
         idp.auto_approve(0.0)

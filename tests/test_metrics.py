@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import stat
-import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +49,6 @@ Samples = dict[tuple[str, Labels], float]
 @pytest.fixture
 def provider_settings() -> ProviderSettings:
     return ProviderSettings(client_secret=CLIENT_SECRET)
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    # Outside pytest's 0700 tmp tree, so clients under other uids can reach the socket,
-    # and short enough for sun_path.
-    path = Path(tempfile.mkdtemp(prefix="da-metrics-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- reading the exposition ---------------------------------------------------------
