@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from installed import plain_install, unit_environment
+from installed import plain_install, service_environment
 from timing import spread
 
 if __package__ in (None, ""):
@@ -146,13 +146,8 @@ class Agent:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.bind(str(self.notify))
         listener.settimeout(PATIENCE)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LISTEN_", "WATCHDOG_", "DEVICE_AGENT_"))}
-        env |= unit_environment()
+        env = service_environment(self.credentials)
         env["NOTIFY_SOCKET"] = str(self.notify)
-        env.pop("CREDENTIALS_DIRECTORY", None)
-        if self.credentials is not None:
-            env["CREDENTIALS_DIRECTORY"] = str(self.credentials)
         log = (self.workdir / "agent.log").open("ab")
         try:
             started = time.perf_counter()

@@ -4,6 +4,7 @@ start-up a few milliseconds)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -40,3 +41,16 @@ def unit_environment() -> dict[str, str]:
                 name, _, value = assignment.partition("=")
                 settings[name] = value
     return settings
+
+
+def service_environment(credentials: Path | None = None) -> dict[str, str]:
+    """The environment the installed agent runs with: this one without anything of a
+    service manager or an agent this may itself run under, plus the unit's
+    Environment= settings; `credentials` as systemd's $CREDENTIALS_DIRECTORY."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(
+        ("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "DEVICE_AGENT_",
+         "CREDENTIALS_DIRECTORY"))}
+    env |= unit_environment()
+    if credentials is not None:
+        env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    return env

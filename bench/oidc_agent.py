@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from installed import plain_install, unit_environment
+from installed import plain_install, service_environment
 from timing import agent_state, run_once, spread
 
 from agent import __version__
@@ -261,9 +261,7 @@ class DeviceAgent:
             "api": {"socket": str(self.socket)},
             "logging": {"level": "info"},
         }))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(
-            ("LISTEN_", "WATCHDOG_", "DEVICE_AGENT_", "NOTIFY_SOCKET"))}
-        env |= unit_environment()
+        env = service_environment()
         env["HOME"] = str(self.workdir)
         with (self.workdir / "agent.log").open("ab") as log:
             self.proc = subprocess.Popen(

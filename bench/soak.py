@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+from tests.test_service_process import _child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,9 +174,7 @@ class _Agent:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[asyncio.subprocess.Process]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "DEVICE_AGENT_"))}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env = _child_env()
         with self.log.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _PROBE, str(self.tasks_file),
