@@ -481,6 +481,7 @@ class ApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.guard.abort_all()
         self._remove_own_socket()
         if self._restore_accept_errors is not None:
             self._restore_accept_errors()

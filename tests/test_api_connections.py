@@ -428,3 +428,47 @@ async def test_taking_over_a_busy_socket_from_systemd_refuses_no_one(
         for sock in callers:
             sock.close()
         await server.close()
+
+
+async def test_a_silent_connection_holds_no_http_state_until_it_speaks(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    # Most of what a connection costs is aiohttp's parser, request queue and task: a
+    # caller that has connected but not yet sent a byte holds none of it, so a few
+    # hundred of them cannot raise the daemon's memory for good.
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+    assert server._runner is not None and server._runner.server is not None
+    http = server._runner.server
+    clients = []
+    try:
+        for _ in range(50):
+            clients.append(await asyncio.open_unix_connection(str(path)))
+        await until(lambda: server.guard.open == 50)
+        assert http.connections == []
+        reader, writer = clients[0]
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        assert len(http.connections) == 1
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await server.close()
+
+
+async def test_shutdown_closes_connections_silent_or_mid_request(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    path = socket_dir / "agent.sock"
+    # Idle connections are not closed in this test's time: only the shutdown may.
+    server = ApiServer(build_app(running.driver, AccessPolicy(),
+                                 limits=ConnectionLimits(idle_timeout=3600)), path)
+    await server.start()
+    silent = await asyncio.open_unix_connection(str(path))
+    half = await asyncio.open_unix_connection(str(path))
+    half[1].write(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n")  # never finished
+    await until(lambda: server.guard.open == 2)
+    await server.close()
+    async with asyncio.timeout(10):
+        for reader, writer in (silent, half):
+            assert await reader.read() == b""
+            writer.close()
+    assert server.guard.open == 0
