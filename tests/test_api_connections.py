@@ -5,6 +5,7 @@ Callers are real processes under other uids, so the kernel's SO_PEERCRED names t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -472,3 +473,40 @@ async def test_shutdown_closes_connections_silent_or_mid_request(
             assert await reader.read() == b""
             writer.close()
     assert server.guard.open == 0
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    # The collector runs seldom in an idle daemon: what waits for it after a burst of
+    # connections stays the process's memory for good.
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+    loop = asyncio.get_running_loop()
+
+    async def connection(request: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, str(path))
+            if request:
+                await loop.sock_sendall(sock, request)
+                assert (await loop.sock_recv(sock, 65536)).startswith(b"HTTP/1.1 200")
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            await connection(b"")
+            await connection(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+        await until(lambda: server.guard.open == 0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, asyncio.BaseTransport)
+                and o.get_extra_info("sockname") == str(path)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        await server.close()
+    assert len(left) == 0
