@@ -42,7 +42,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 from agent.fsutil import remove_durably, write_atomic
 from agent.sealing import KEY_SIZE, STORE_KEY
@@ -870,7 +870,7 @@ def _root(value: str | None) -> tuple[Path, bool]:
     return root, os.path.realpath(root) == "/"
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], *,
+def register(subparsers: argparse._SubParsersAction[Any], *,
              runner: Runner = run_command,
              geteuid: Callable[[], int] = os.geteuid) -> None:
     """Add ``install-service`` and ``uninstall-service`` to the CLI's subcommands.

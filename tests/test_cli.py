@@ -404,3 +404,15 @@ def test_run_refuses_the_example_issuer_and_check_config_warns(
     assert "provider.issuer: is still the example's" in capsys.readouterr().err
     assert main(["check-config", str(config)]) == EX_OK
     assert "warning: provider.issuer is still the example's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [50, 120])
+def test_help_is_wrapped_to_the_terminal(columns: int, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    with pytest.raises(SystemExit):
+        main(["token", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    # argparse leaves two columns free, and fills the lines of the option list.
+    assert max(map(len, lines)) <= columns - 2
+    assert max(map(len, lines)) > columns - 20, lines
