@@ -478,6 +478,7 @@ class ApiServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self.guard.shut_out_the_silent()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -470,9 +470,11 @@ def cmd_check_provider(args: argparse.Namespace) -> int:
 def _columns() -> int:
     """The terminal's width as shutil.get_terminal_size finds it."""
     try:
-        return int(os.environ["COLUMNS"])
+        columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
-        pass
+        columns = 0
+    if columns > 0:
+        return columns
     if sys.__stdout__ is None:
         return 80
     try:

@@ -155,6 +155,8 @@ class _Connection:
     transport: asyncio.Transport
     busy: int = 0
     timer: asyncio.TimerHandle | None = None
+    # Given to aiohttp: it has sent its first bytes.
+    spoken: bool = False
 
 
 class ConnectionGuard:
@@ -179,6 +181,7 @@ class ConnectionGuard:
         self._others = 0
         self.refused = 0
         self._refusals = RateLimit()
+        self._shutting_down = False
 
     @property
     def open(self) -> int:
@@ -209,13 +212,24 @@ class ConnectionGuard:
             if connection.busy == 0 and connection.transport in self._by_transport:
                 self._start_timer(connection)
 
+    def shut_out_the_silent(self) -> None:
+        """At shutdown, before aiohttp ends the connections it serves: those it does not
+        know are closed, and no new one is admitted (asyncio may still be setting up
+        some it accepted before its listener closed), so no request starts while the
+        agent stops."""
+        self._shutting_down = True
+        for connection in list(self._by_transport.values()):
+            if not connection.spoken:
+                connection.transport.abort()
+
     def abort_all(self) -> None:
-        """At shutdown, after aiohttp has ended the connections it serves: those that
-        never sent a request are not aiohttp's to end."""
+        """After aiohttp's shutdown: whatever it left open."""
         for connection in list(self._by_transport.values()):
             connection.transport.abort()
 
     def _admit(self, transport: asyncio.Transport) -> _Connection | None:
+        if self._shutting_down:
+            return None
         sock = transport.get_extra_info("socket")
         caller = caller_of(sock)
         privileged = caller is not None and self._privileged(caller)
@@ -301,6 +315,7 @@ class _Guarded(asyncio.Protocol):
         self._connection = self._guard._admit(transport)
         if self._connection is None:
             transport.abort()
+            _release_read_callback(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._connection is None:
@@ -314,6 +329,7 @@ class _Guarded(asyncio.Protocol):
         if self._connection is None:
             return
         if self._inner is None:
+            self._connection.spoken = True
             self._inner = self._make_inner()
             self._inner.connection_made(self._connection.transport)
         self._inner.data_received(data)

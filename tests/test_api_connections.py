@@ -5,6 +5,7 @@ Callers are real processes under other uids, so the kernel's SO_PEERCRED names t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -23,6 +24,7 @@ from agent.api import AccessPolicy, ApiServer, build_app
 from agent.client import call
 from agent.connections import ConnectionGuard, ConnectionLimits
 from agent.idp import IdentityProvider, ProviderSettings, serve_provider
+from agent.idp.provider import Delay
 from agent.state import Phase
 from agent.store import _decode
 from tests.harness import Running
@@ -33,6 +35,7 @@ from tests.test_api import (  # noqa: F401  (fixtures)
     api,
     as_other_user,
     needs_root,
+    refreshes,
     running,
     serve_api,
     sign_in,
@@ -498,6 +501,10 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
             await connection(b"")
             await connection(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
         await until(lambda: server.guard.open == 0)
+        server.guard.capacity = 0  # and refused ones
+        for _ in range(5):
+            await connection(b"")
+        await until(lambda: server.guard.refused == 5)
         for _ in range(3):
             await asyncio.sleep(0)
         gc.set_debug(gc.DEBUG_SAVEALL)
@@ -510,3 +517,64 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
         gc.enable()
         await server.close()
     assert len(left) == 0
+
+
+async def test_a_silent_connection_that_speaks_during_shutdown_is_not_served(
+        running: Running, provider: IdentityProvider, socket_dir: Path) -> None:  # noqa: F811
+    # aiohttp ends the connections it knows at shutdown; one the guard kept from it
+    # must not start a request (here a sign-out) while the agent stops.
+    path = socket_dir / "agent.sock"
+    server = ApiServer(build_app(running.driver, AccessPolicy(),
+                                 limits=ConnectionLimits(idle_timeout=3600)), path)
+    await server.start()
+    await running.until_phase(Phase.AWAITING_USER)
+    provider.approve()
+    await running.until_phase(Phase.SIGNED_IN)
+    loop = asyncio.get_running_loop()
+
+    async def connection() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(path))
+        return sock
+
+    silent = await connection()
+    # A caller waiting for a refresh the provider is slow to answer holds the shutdown.
+    running.clock.advance(60)
+    provider.script("token", Delay(3))
+    waiter = await connection()
+    await loop.sock_sendall(waiter, b"GET /v1/token?min_ttl=3590 HTTP/1.1\r\nHost: a\r\n\r\n")
+    await until(lambda: server.guard.open == 2 and refreshes(provider) == 1)
+    closing = asyncio.create_task(server.close())
+    await asyncio.sleep(0.2)  # within aiohttp's wait for the waiter
+    with contextlib.suppress(OSError):  # already closed: as good
+        await loop.sock_sendall(silent, b"POST /v1/logout HTTP/1.1\r\nHost: a\r\n"
+                                        b"Content-Length: 0\r\n\r\n")
+    await closing
+    answer = b""
+    with contextlib.suppress(OSError):
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(silent, 65536):
+                answer += chunk
+    for sock in (silent, waiter):
+        sock.close()
+    assert answer == b""
+    assert running.driver.snapshot.phase is Phase.SIGNED_IN
+
+
+async def test_once_shutting_down_a_new_connection_is_closed_unserved(
+        running: Running, socket_dir: Path) -> None:  # noqa: F811
+    # asyncio may still set up a connection it accepted before its listener closed.
+    path = socket_dir / "agent.sock"
+    server = await serve_api(running, path)
+    try:
+        server.guard.shut_out_the_silent()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+        writer.close()
+        assert server.guard.open == 0
+    finally:
+        await server.close()

@@ -416,3 +416,18 @@ def test_help_is_wrapped_to_the_terminal(columns: int, monkeypatch: pytest.Monke
     # argparse leaves two columns free, and fills the lines of the option list.
     assert max(map(len, lines)) <= columns - 2
     assert max(map(len, lines)) > columns - 20, lines
+
+
+@pytest.mark.parametrize("columns", ["0", "-5", "wide"])
+def test_a_columns_setting_that_is_no_width_is_ignored(
+        columns: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def no_terminal(fd: int = 1) -> os.terminal_size:
+        raise OSError("not a terminal")
+
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(os, "get_terminal_size", no_terminal)
+    with pytest.raises(SystemExit):
+        main(["token", "--help"])
+    # shutil's fallback: 80 columns.
+    assert max(map(len, capsys.readouterr().out.splitlines())) > 60
