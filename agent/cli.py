@@ -18,14 +18,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.errors import STORE_NEEDS_A_PERSON, AgentError, ConfigError, StoreError
 
+# Not typing's: a token read has no other use for the typing module (2.5 ms).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     import logging
+    from typing import Any
 
     from agent.config import AgentConfig
 

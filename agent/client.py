@@ -14,7 +14,10 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: see agent/cli.py
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["SERVICE_SOCKET", "AgentNotAllowed", "AgentUnavailable", "ApiAnswer",
            "SocketUntrusted", "call", "check_socket"]

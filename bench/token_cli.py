@@ -4,8 +4,10 @@ Starts `device-agent demo` (built-in provider, codes approved at once) in a chil
 process and, once it is signed in, runs in turn, interleaved so that the machine's
 drift hits each alike:
 
-- `python -S -c pass`-like floor: the bare interpreter (`python -c pass`);
-- a raw AF_UNIX client in Python (the least a Python token read can cost);
+- the floor: the bare interpreter (`python -c pass`) of the venv the agent is installed
+  in;
+- a raw AF_UNIX client in Python on the same interpreter (the least a Python token read
+  can cost);
 - `device-agent token` from a non-editable install in a temporary venv (`pip install .`,
   as the Pi guide installs it), and from the project's editable venv, whose import
   finder adds its own cost.
@@ -67,7 +69,11 @@ def main() -> int:
                     print("the agent did not sign in", file=sys.stderr)
                     return 1
                 time.sleep(0.2)
-            python = str(Path(sys.executable).resolve())
+            # The interpreter the installed agent runs on: the venv's, which reads only
+            # its own site-packages. The base interpreter would also run every .pth file
+            # in the base site-packages (on the development machine, one that imports
+            # certifi: 20 ms a start).
+            python = str(plain.parent / "python")
             cases = {
                 "python -c pass": [python, "-c", "pass"],
                 "raw AF_UNIX client (Python)": [python, "-c", RAW_CLIENT, path],
