@@ -27,7 +27,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     import logging
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+    Subcommands = argparse._SubParsersAction[Any]
 
     from agent.config import AgentConfig
 
@@ -503,25 +506,31 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The command line; `argv`, when given, lets the parser leave out the commands it
-    cannot name."""
-    parser = _Parser(
-        prog="device-agent",
-        description="Sign this device in with the OAuth 2.0 device flow and keep its token fresh.")
-    parser.add_argument("--version", action="version", version=f"device-agent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Unparsed(Exception):
+    """The command line is not one the parser of its command alone can read."""
 
-    def with_socket(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--socket", help="API socket (default: from the config, "
-                       "$DEVICE_AGENT_SOCKET, or the per-user runtime path)")
-        p.add_argument("--config", help="config file to read the socket path from")
 
+class _OneCommandParser(_Parser):
+    # Its error is for main() to hear: the parser of every command then says what is
+    # wrong, in argparse's words about all of them.
+    def error(self, message: str) -> NoReturn:
+        raise _Unparsed(message)
+
+
+def _with_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help="API socket (default: from the config, "
+                   "$DEVICE_AGENT_SOCKET, or the per-user runtime path)")
+    p.add_argument("--config", help="config file to read the socket path from")
+
+
+def _add_run(sub: Subcommands) -> None:
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", help=f"config file (default: $DEVICE_AGENT_CONFIG or "
                      f"{DEFAULT_CONFIG})")
     run.set_defaults(func=cmd_run)
 
+
+def _add_demo(sub: Subcommands) -> None:
     demo = sub.add_parser("demo", help="run against the built-in demo identity provider")
     demo.add_argument("--approve-after", type=float, metavar="SECONDS",
                       help="approve every code automatically after SECONDS")
@@ -542,29 +551,35 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     demo.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_token(sub: Subcommands) -> None:
     token = sub.add_parser("token", help="print a valid access token")
     token.add_argument("--min-ttl", type=int, default=0, metavar="SECONDS",
                        help="refresh first if the token expires sooner than this")
     token.add_argument("--json", action="store_true",
                        help="print the whole answer as JSON (errors too, as "
                        "{\"error\", \"message\"})")
-    with_socket(token)
+    _with_socket(token)
     token.set_defaults(func=cmd_token)
 
+
+def _add_status(sub: Subcommands) -> None:
     status = sub.add_parser("status", help="show what the agent is doing")
     status.add_argument("--json", action="store_true",
                         help="print the status document as JSON, the code exactly as issued")
-    with_socket(status)
+    _with_socket(status)
     status.set_defaults(func=cmd_status)
 
-    for name, text in (("login", "show a new code now (within the hourly budget)"),
-                       ("logout", "revoke the tokens at the provider and sign out; says "
-                                  "whether the provider confirmed"),
-                       ("refresh", "refresh the token now")):
-        p = sub.add_parser(name, help=text)
-        with_socket(p)
-        p.set_defaults(func=cmd_admin)
 
+def _admin(name: str, text: str) -> Callable[[Subcommands], None]:
+    def add(sub: Subcommands) -> None:
+        p = sub.add_parser(name, help=text)
+        _with_socket(p)
+        p.set_defaults(func=cmd_admin)
+    return add
+
+
+def _add_check_config(sub: Subcommands) -> None:
     check = sub.add_parser("check-config", help="validate a config file: every problem, "
                                                 "each with its key and line")
     check.add_argument("file", nargs="?",
@@ -573,6 +588,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE", help="the config file, as for `run`")
     check.set_defaults(func=cmd_check_config)
 
+
+def _add_check_provider(sub: Subcommands) -> None:
     provider = sub.add_parser("check-provider",
                               help="check the identity provider's setup for this agent")
     provider.add_argument("--config", help=f"config file (default: $DEVICE_AGENT_CONFIG "
@@ -582,20 +599,56 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                           "authentik's 20 requests an hour)")
     provider.set_defaults(func=cmd_check_provider)
 
-    if not argv or argv[0] not in sub.choices:
-        # These two bring modules of their own: a token read, which names a command
-        # above, does not pay for importing them to build its parser.
-        from agent.display.render import register as register_render
-        from agent.install import register as register_install
 
-        register_render(sub)
-        register_install(sub)
+def _add_render_and_install(sub: Subcommands) -> None:
+    # These two bring modules of their own, imported only to build their parsers.
+    from agent.display.render import register as register_render
+    from agent.install import register as register_install
+
+    register_render(sub)
+    register_install(sub)
+
+
+# In the order `--help` lists them; render and install last, under names of their own.
+_COMMANDS: dict[str, Callable[[Subcommands], None]] = {
+    "run": _add_run,
+    "demo": _add_demo,
+    "token": _add_token,
+    "status": _add_status,
+    "login": _admin("login", "show a new code now (within the hourly budget)"),
+    "logout": _admin("logout", "revoke the tokens at the provider and sign out; says "
+                               "whether the provider confirmed"),
+    "refresh": _admin("refresh", "refresh the token now"),
+    "check-config": _add_check_config,
+    "check-provider": _add_check_provider,
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line, every command in it; with `argv` naming one of `_COMMANDS`, that
+    one alone, with a parser whose errors raise `_Unparsed`."""
+    one = _COMMANDS.get(argv[0]) if argv else None
+    parser = (_Parser if one is None else _OneCommandParser)(
+        prog="device-agent",
+        description="Sign this device in with the OAuth 2.0 device flow and keep its token fresh.")
+    parser.add_argument("--version", action="version", version=f"device-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    if one is not None:
+        one(sub)
+        return parser
+    for add in _COMMANDS.values():
+        add(sub)
+    _add_render_and_install(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        # A token read builds its own command's parser, not all of them (2 ms).
+        args = build_parser(argv).parse_args(argv)
+    except _Unparsed:
+        args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +215,43 @@ def test_a_full_queue_is_waited_out_within_the_timeout(tmp_path: Path) -> None:
         caller.join(timeout=30)
         listener.close()
     assert answered == [200]
+
+
+def test_a_token_read_builds_the_parser_of_its_own_command_only(
+        agent_at: tuple[Path, list[CannedAgent]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Each command's options cost a formatter and an action each: all of them are a few
+    # milliseconds of every call.
+    import argparse
+
+    from agent.cli import main
+
+    serve(agent_at, http_answer(json.dumps(TOKEN).encode()))
+    made: list[str] = []
+    init = argparse.ArgumentParser.__init__
+
+    def counted(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self.prog)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", counted)
+    assert main(["token", "--socket", str(agent_at[0])]) == 0
+    assert capsys.readouterr().out.strip() == TOKEN["access_token"]
+    assert made == ["device-agent", "device-agent token"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["token", "--bogus"], ["token", "--min-ttl", "soon"], ["status", "extra"], ["bogus"],
+    [], ["--help"], ["token", "--help"], ["--version"], ["check-config", "--help"],
+    ["render", "--help"],
+], ids=lambda argv: " ".join(argv) or "nothing")
+def test_the_command_line_reads_as_with_every_command_built(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as built:
+        build_parser().parse_args(argv)
+    expected = capsys.readouterr()
+    with pytest.raises(SystemExit) as read:
+        main(argv)
+    assert (read.value.code, capsys.readouterr()) == (built.value.code, expected)
