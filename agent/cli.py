@@ -11,13 +11,11 @@ loop); 130 interrupted. README's table lists them with the commands that use eac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from agent import __version__
 from agent.errors import STORE_NEEDS_A_PERSON, AgentError, ConfigError, StoreError
@@ -25,10 +23,12 @@ from agent.errors import STORE_NEEDS_A_PERSON, AgentError, ConfigError, StoreErr
 # Not typing's: a token read has no other use for the typing module (2.5 ms).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import asyncio
     import logging
     from collections.abc import Callable
-    from typing import Any, NoReturn
+    from pathlib import Path
+    from typing import Any
 
     Subcommands = argparse._SubParsersAction[Any]
 
@@ -44,7 +44,7 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 
-DEFAULT_CONFIG = Path("/etc/device-agent/config.yaml")
+DEFAULT_CONFIG = "/etc/device-agent/config.yaml"
 
 
 def _log() -> logging.Logger:
@@ -56,6 +56,8 @@ def _log() -> logging.Logger:
 
 
 def _config_path(arg: str | None) -> Path:
+    from pathlib import Path
+
     return Path(arg or os.environ.get("DEVICE_AGENT_CONFIG") or DEFAULT_CONFIG)
 
 
@@ -172,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "device": {"name": args.device_name},
                     "display": {"type": args.display},
                     # Plain text: the state is a temporary directory, gone at exit.
-                    "storage": {"path": str(Path(state) / "credentials.json"),
+                    "storage": {"path": os.path.join(state, "credentials.json"),
                                 "encryption": "off"},
                     "api": {"socket": str(args.socket or default_socket_path())},
                 })
@@ -195,14 +197,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- commands that talk to a running agent ---------------------------------------
 
-def _socket_path(args: argparse.Namespace) -> Path:
+def _socket_path(args: argparse.Namespace) -> str | Path:
     """--socket, DEVICE_AGENT_SOCKET, a config named with --config or DEVICE_AGENT_CONFIG,
     the service's socket, then the per-user one. The config is read only when named: a
     token reader may not be allowed to read it (it can hold a client secret)."""
+    # Strings, as agent.client takes them: no pathlib on a token read.
     if args.socket:
-        return Path(args.socket)
+        return str(args.socket)
     if os.environ.get("DEVICE_AGENT_SOCKET"):
-        return Path(os.environ["DEVICE_AGENT_SOCKET"])
+        return os.environ["DEVICE_AGENT_SOCKET"]
     config_arg = args.config or os.environ.get("DEVICE_AGENT_CONFIG")
     if config_arg:
         from agent.config import load_config
@@ -323,7 +326,7 @@ def _local(rfc3339: str, now: float) -> str:
     return f"{time.strftime(shape, local)} ({off})"
 
 
-def _show_status(body: dict[str, Any], socket_path: Path) -> None:
+def _show_status(body: dict[str, Any], socket_path: str | Path) -> None:
     from agent.display.screens import typing_hint
     from agent.logs import escape_controls
 
@@ -430,7 +433,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.config import load_config, still_the_example
 
-    path = Path(args.file) if args.file else _config_path(args.config)
+    path = _config_path(args.file or args.config)
     try:
         config = load_config(path)
         # Panel options are checked by the panel's own code, as at start-up.
@@ -471,51 +474,6 @@ def cmd_check_provider(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------
-
-def _columns() -> int:
-    """The terminal's width as shutil.get_terminal_size finds it."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns > 0:
-        return columns
-    if sys.__stdout__ is None:
-        return 80
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
-    except (ValueError, OSError):
-        return 80
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's, without its `import shutil` for the terminal's width: argparse makes
-    a formatter for every argument it is given, and shutil brings zlib, bz2 and lzma
-    with it, 2 ms of every token read."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _columns() - 2 if width is None else width)
-
-
-class _Parser(argparse.ArgumentParser):
-    # Its subcommands' parsers are made of its own class, and so format alike.
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
-class _Unparsed(Exception):
-    """The command line is not one the parser of its command alone can read."""
-
-
-class _OneCommandParser(_Parser):
-    # Its error is for main() to hear: the parser of every command then says what is
-    # wrong, in argparse's words about all of them.
-    def error(self, message: str) -> NoReturn:
-        raise _Unparsed(message)
-
 
 def _with_socket(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", help="API socket (default: from the config, "
@@ -609,6 +567,50 @@ def _add_render_and_install(sub: Subcommands) -> None:
     register_install(sub)
 
 
+# The options of `token` that _read_token_line reads, by the attribute each sets.
+_TOKEN_VALUES = {"--min-ttl": "min_ttl", "--socket": "socket", "--config": "config"}
+
+
+def _read_token_line(argv: Sequence[str]) -> argparse.Namespace | None:
+    """`token` and its options as scripts write them, read without argparse (with its
+    imports, 3 ms of a token read); None for any other line, argparse's to read. The
+    equality of the two readings is tested, not written down twice."""
+    if not argv or argv[0] != "token":
+        return None
+    values: dict[str, Any] = {"command": "token", "min_ttl": 0, "json": False,
+                              "socket": None, "config": None, "func": cmd_token}
+    rest = iter(argv[1:])
+    for arg in rest:
+        option, given, value = arg.partition("=")
+        if option == "--json" and not given:
+            values["json"] = True
+            continue
+        key = _TOKEN_VALUES.get(option)
+        if key is None:
+            return None
+        if not given:
+            following = next(rest, None)
+            # A value that looks like an option is argparse's to judge.
+            if following is None or following.startswith("-"):
+                return None
+            value = following
+        if key == "min_ttl":
+            try:
+                values[key] = int(value)
+            except ValueError:
+                return None
+        else:
+            values[key] = value
+    return _Line(**values)  # type: ignore[return-value]
+
+
+class _Line:
+    """What argparse's Namespace is to a command: its attributes."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
 # In the order `--help` lists them; render and install last, under names of their own.
 _COMMANDS: dict[str, Callable[[Subcommands], None]] = {
     "run": _add_run,
@@ -626,9 +628,11 @@ _COMMANDS: dict[str, Callable[[Subcommands], None]] = {
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command line, every command in it; with `argv` naming one of `_COMMANDS`, that
-    one alone, with a parser whose errors raise `_Unparsed`."""
+    one alone, with a parser whose errors raise `Unparsed`."""
+    from agent.commandline import CommandParser, OneCommandParser
+
     one = _COMMANDS.get(argv[0]) if argv else None
-    parser = (_Parser if one is None else _OneCommandParser)(
+    parser = (CommandParser if one is None else OneCommandParser)(
         prog="device-agent",
         description="Sign this device in with the OAuth 2.0 device flow and keep its token fresh.")
     parser.add_argument("--version", action="version", version=f"device-agent {__version__}")
@@ -644,11 +648,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        # A token read builds its own command's parser, not all of them (2 ms).
-        args = build_parser(argv).parse_args(argv)
-    except _Unparsed:
-        args = build_parser().parse_args(argv)
+    args = _read_token_line(argv)
+    if args is None:
+        from agent.commandline import Unparsed
+
+        try:
+            # The parser of the command named alone, not all of them (1 ms).
+            args = build_parser(argv).parse_args(argv)
+        except Unparsed:
+            args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
     except KeyboardInterrupt:

@@ -13,17 +13,19 @@ import os
 import socket
 import stat
 import time
-from pathlib import Path
 
 TYPE_CHECKING = False  # not typing's: see agent/cli.py
 if TYPE_CHECKING:
     from typing import Any
 
+    # Paths come as strings too: pathlib would cost a token read 3 ms of imports.
+    SocketPath = str | os.PathLike[str]
+
 __all__ = ["SERVICE_SOCKET", "AgentNotAllowed", "AgentUnavailable", "ApiAnswer",
            "SocketUntrusted", "call", "check_socket"]
 
 # Where the systemd unit's agent listens (RuntimeDirectory=device-agent), and its user.
-SERVICE_SOCKET = Path("/run/device-agent/agent.sock")
+SERVICE_SOCKET = "/run/device-agent/agent.sock"
 SERVICE_USER = "device-agent"
 
 
@@ -44,14 +46,14 @@ def trusted_uids() -> set[int]:
     return uids
 
 
-def check_socket(path: Path, trusted: set[int] | None = None) -> None:
+def check_socket(path: SocketPath, trusted: set[int] | None = None) -> None:
     """Refuse a socket another local user could have put in place (a planted socket
     would hand scripts an attacker's token): the socket and every directory above it
     belong to a trusted user, and no directory is writable by others unless it is
     sticky (/tmp) and what lies in it belongs to a trusted user. A missing socket
     passes: connecting then says that no agent is running."""
     trusted = trusted_uids() if trusted is None else trusted
-    socket_path = Path(os.path.realpath(path))
+    socket_path = os.path.realpath(path)
     try:
         st = os.lstat(socket_path)
     except FileNotFoundError:
@@ -64,7 +66,7 @@ def check_socket(path: Path, trusted: set[int] | None = None) -> None:
         raise SocketUntrusted(f"refusing {socket_path}: it belongs to uid {st.st_uid}, "
                               f"who could serve fake tokens; {fix}")
     below = st.st_uid
-    for directory in socket_path.parents:
+    for directory in _parents(socket_path):
         dst = os.stat(directory)
         if dst.st_uid not in trusted:
             raise SocketUntrusted(f"refusing {socket_path}: {directory} belongs to uid "
@@ -74,6 +76,15 @@ def check_socket(path: Path, trusted: set[int] | None = None) -> None:
             raise SocketUntrusted(f"refusing {socket_path}: {directory} is writable by "
                                   f"other users, who could replace the socket; {fix}")
         below = dst.st_uid
+
+
+def _parents(path: str) -> list[str]:
+    """The directories above an absolute path, nearest first, `/` last: Path.parents."""
+    parents = []
+    while (parent := os.path.dirname(path)) != path:
+        parents.append(parent)
+        path = parent
+    return parents
 
 
 class AgentUnavailable(Exception):
@@ -106,7 +117,7 @@ class ApiAnswer:
 _MAX_ANSWER = 1 << 20
 
 
-def call(path: Path, method: str, target: str, *, timeout: float = 30.0) -> ApiAnswer:
+def call(path: SocketPath, method: str, target: str, *, timeout: float = 30.0) -> ApiAnswer:
     sock = _connect(path, timeout)
     try:
         sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n"
@@ -127,13 +138,13 @@ def call(path: Path, method: str, target: str, *, timeout: float = 30.0) -> ApiA
     return ApiAnswer(status, body)
 
 
-def _connect(path: Path, timeout: float) -> socket.socket:
+def _connect(path: SocketPath, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            sock.connect(os.fspath(path))
         except BlockingIOError:
             # The queue of connections the agent has not taken yet is full (a burst of
             # callers): wait for room within the timeout, as a blocking connect would.
@@ -156,7 +167,7 @@ def _connect(path: Path, timeout: float) -> socket.socket:
         return sock
 
 
-def _parse_answer(data: bytes, path: Path) -> tuple[int, bytes]:
+def _parse_answer(data: bytes, path: SocketPath) -> tuple[int, bytes]:
     """The status and the body of a whole answer (the agent closes after it)."""
     if not data:
         raise AgentUnavailable(f"the agent at {path} closed the connection without an answer")
