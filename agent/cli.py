@@ -201,11 +201,13 @@ def _socket_path(args: argparse.Namespace) -> str | Path:
     """--socket, DEVICE_AGENT_SOCKET, a config named with --config or DEVICE_AGENT_CONFIG,
     the service's socket, then the per-user one. The config is read only when named: a
     token reader may not be allowed to read it (it can hold a client secret)."""
+    from agent.paths import socket_location, tidy
+
     # Strings, as agent.client takes them: no pathlib on a token read.
     if args.socket:
-        return str(args.socket)
+        return tidy(args.socket)
     if os.environ.get("DEVICE_AGENT_SOCKET"):
-        return os.environ["DEVICE_AGENT_SOCKET"]
+        return tidy(os.environ["DEVICE_AGENT_SOCKET"])
     config_arg = args.config or os.environ.get("DEVICE_AGENT_CONFIG")
     if config_arg:
         from agent.config import load_config
@@ -215,9 +217,7 @@ def _socket_path(args: argparse.Namespace) -> str | Path:
 
     if os.path.lexists(SERVICE_SOCKET):
         return SERVICE_SOCKET
-    from agent.paths import default_socket_path
-
-    return default_socket_path()
+    return socket_location()
 
 
 def _api(args: argparse.Namespace, method: str, target: str) -> tuple[int, dict[str, Any]]:
@@ -588,6 +588,8 @@ def _read_token_line(argv: Sequence[str]) -> argparse.Namespace | None:
         key = _TOKEN_VALUES.get(option)
         if key is None:
             return None
+        if given and value == "--":
+            return None  # argparse 3.11 reads it as no value at all
         if not given:
             following = next(rest, None)
             # A value that looks like an option is argparse's to judge.

@@ -38,6 +38,9 @@ NOT_FOR_A_TOKEN_READ = ["asyncio", "http.client", "ssl", "logging", "yaml", "aio
                         "pathlib"]
 # `token`'s line, as scripts write it, is read without argparse (2.5 ms with gettext).
 NOT_FOR_A_TOKEN_READ_ALONE = ["argparse"]
+# An editable install's import finder, run at start-up, imports pathlib: forgotten, so
+# that an import of it by the agent shows.
+FORGET_STARTUP_IMPORTS = f"import sys; [sys.modules.pop(m, None) for m in {NOT_FOR_A_TOKEN_READ!r}]"
 
 
 class CannedAgent:
@@ -114,11 +117,9 @@ def test_the_socket_commands_import_only_what_they_use(
     # What scripts call, often: each import a command does not use is paid on every call.
     serve(agent_at, http_answer(json.dumps(answer).encode()))
     unused = NOT_FOR_A_TOKEN_READ + (NOT_FOR_A_TOKEN_READ_ALONE if argv == ["token"] else [])
-    # Against what the interpreter had already: an editable install's finder, run at
-    # start-up, imports pathlib.
-    code = (f"import sys; before = set(sys.modules); from agent.cli import main; "
+    code = (f"{FORGET_STARTUP_IMPORTS}; from agent.cli import main; "
             f"status = main({argv!r}); print(status, *sorted("
-            f"m for m in {unused!r} if m in sys.modules and m not in before))")
+            f"m for m in {unused!r} if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_AGENT")}
     env["DEVICE_AGENT_SOCKET"] = str(agent_at[0])
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -274,6 +275,8 @@ WITHOUT_ARGPARSE = [
 ]
 BY_ARGPARSE = [
     ["token", "--min", "60"], ["token", "--socket", "-x"], ["token", "--", "x"],
+    # argparse 3.11 takes `--` out of an explicit value, leaving an empty list.
+    ["token", "--socket=--"], ["token", "--config=--"],
     ["token", "--min-ttl", "-5"], ["token", "--json=yes"], ["token", "-h"],
     ["token", "--min-ttl", "soon"], ["token", "--min-ttl"], ["tok"], ["status"], [],
 ]
@@ -295,3 +298,35 @@ def test_the_token_line_reads_as_argparse_reads_it(
         assert read is not None and vars(read) == by_argparse
     else:
         assert read is None
+
+
+@pytest.mark.parametrize("spelling", ["{dir}/agent.sock/", "{dir}//agent.sock",
+                                      "{dir}/./agent.sock", "{dir}/././././agent.sock/"])
+def test_a_socket_path_is_read_as_pathlib_would_tidy_it(
+        agent_at: tuple[Path, list[CannedAgent]], spelling: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A trailing slash makes connect() say ENOTDIR, and redundant parts can push a path
+    # past AF_UNIX's 108 bytes: the path is tidied before use, as Path() did.
+    from agent.cli import main
+
+    serve(agent_at, http_answer(json.dumps(TOKEN).encode()))
+    given = spelling.format(dir=agent_at[0].parent)
+    assert main(["token", "--socket", given]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == TOKEN["access_token"]
+
+
+def test_the_per_user_socket_is_found_without_pathlib(
+        tmp_path: Path) -> None:
+    # The demo's and a per-user agent's socket, where no flag or variable names one.
+    runtime = tmp_path / "run"
+    (runtime / "device-agent").mkdir(parents=True, mode=0o700)
+    code = (f"{FORGET_STARTUP_IMPORTS}; from agent.cli import main; "
+            "status = main(['token']); print(status, 'pathlib' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICE_AGENT")}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    env.pop("RUNTIME_DIRECTORY", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=False, cwd=ROOT)
+    # No agent runs there: status 69, and the path it looked at.
+    assert result.stdout.split() == ["69", "False"], result.stderr
+    assert f"{runtime}/device-agent/agent.sock" in result.stderr
