@@ -155,8 +155,8 @@ class _Connection:
     transport: asyncio.Transport
     busy: int = 0
     timer: asyncio.TimerHandle | None = None
-    # Given to aiohttp: it has sent its first bytes.
-    spoken: bool = False
+    # aiohttp's protocol for it, made when its first bytes arrive.
+    handler: asyncio.Protocol | None = None
 
 
 class ConnectionGuard:
@@ -219,7 +219,7 @@ class ConnectionGuard:
         agent stops."""
         self._shutting_down = True
         for connection in list(self._by_transport.values()):
-            if not connection.spoken:
+            if connection.handler is None:
                 connection.transport.abort()
 
     def abort_all(self) -> None:
@@ -301,14 +301,17 @@ class _Guarded(asyncio.Protocol):
     what a connection costs (about 3.5 of 5.5 KiB), and a caller that has connected but
     not spoken, or a few hundred of them, holds none of it."""
 
-    __slots__ = ("_connection", "_guard", "_inner", "_make_inner")
+    __slots__ = ("_connection", "_guard", "_make_inner")
 
     def __init__(self, guard: ConnectionGuard,
                  make_inner: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
         self._make_inner = make_inner
-        self._inner: asyncio.Protocol | None = None
         self._connection: _Connection | None = None
+
+    @property
+    def _handler(self) -> asyncio.Protocol | None:
+        return self._connection.handler if self._connection is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # a stream socket's
@@ -322,29 +325,28 @@ class _Guarded(asyncio.Protocol):
             return
         _release_read_callback(self._connection.transport)
         self._guard._release(self._connection)
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._connection is None:
             return
-        if self._inner is None:
-            self._connection.spoken = True
-            self._inner = self._make_inner()
-            self._inner.connection_made(self._connection.transport)
-        self._inner.data_received(data)
+        if self._connection.handler is None:
+            self._connection.handler = self._make_inner()
+            self._connection.handler.connection_made(self._connection.transport)
+        self._connection.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
         # Before a request, nothing to answer: None closes the connection.
-        return self._inner.eof_received() if self._inner is not None else None
+        return self._handler.eof_received() if self._handler is not None else None
 
     def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
+        if self._handler is not None:
+            self._handler.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
+        if self._handler is not None:
+            self._handler.resume_writing()
 
 
 def _release_read_callback(transport: asyncio.Transport) -> None:
