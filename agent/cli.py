@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import types
 from collections.abc import Sequence
 
 from agent import __version__
@@ -603,14 +604,7 @@ def _read_token_line(argv: Sequence[str]) -> argparse.Namespace | None:
                 return None
         else:
             values[key] = value
-    return _Line(**values)  # type: ignore[return-value]
-
-
-class _Line:
-    """What argparse's Namespace is to a command: its attributes."""
-
-    def __init__(self, **values: Any) -> None:
-        self.__dict__.update(values)
+    return types.SimpleNamespace(**values)  # type: ignore[return-value]
 
 
 # In the order `--help` lists them; render and install last, under names of their own.

@@ -29,7 +29,7 @@ def _env_dir(name: str) -> str | None:
     """First entry of a directory variable. systemd joins several `StateDirectory=`
     entries with colons; the XDG spec says relative values are invalid and ignored."""
     first = os.environ.get(name, "").split(":", 1)[0]
-    return tidy(first) if first and os.path.isabs(first) else None
+    return first if first and os.path.isabs(first) else None
 
 
 def default_state_path() -> Path:
